@@ -1,0 +1,383 @@
+"""Find, load and save NearID checkpoints; the one place that knows every weight layout.
+
+Supported sources (a hub id or a local path):
+
+* **NearID release** (`Aleksandar/nearid-siglip2`): `config.json` with `model_type: nearid`, `model.safetensors`
+  with transformers-4.x keys `backbone.vision_model.*` (5.x keys `backbone.*` load too).
+* **Plain SigLIP / SigLIP2** (`google/siglip2-so400m-patch14-384`): a full `SiglipModel` (text tower ignored) or a
+  vision-only `SiglipVisionModel` checkpoint. The NearID head starts as that checkpoint's own MAP head, i.e. the
+  frozen baseline.
+* **Head-only** NearID checkpoint: one `.safetensors` file (~15M parameters) whose metadata holds the NearID config
+  and names the trunk to load (`backbone_name_or_path`), or a directory holding such a file.
+* **Reference training checkpoint** (`encoder_wrapper.model.vision_model.*` + `head.map_pooler.*`).
+
+Weights are only ever read with safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration_nearid import NearIDConfig
+from .modeling_nearid import NearIDModel
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+HEAD_WEIGHTS_NAME = "nearid_head.safetensors"
+CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]
+_HEAD_FORMAT = "nearid-head"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A hub id could not be downloaded / found in the cache, or a local path does not exist."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but its files or tensors are not what the layout requires."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Locating files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _hub_cache_dir(cache_dir: str | os.PathLike | None) -> str:
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Return a local directory (or head-only file) for a hub id or local path, downloading on first use.
+
+    Raises:
+        CheckpointNotFoundError: naming the id, the cache directory, and how to pass a local directory instead.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+        raise CheckpointNotFoundError(
+            f"Checkpoint path {name!r} does not exist and is not a hub id of the form 'owner/name'."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                allow_patterns=_DOWNLOAD_PATTERNS,
+            )
+        )
+    except Exception as err:  # network errors, offline mode, missing repo, gated repo ... all mean the same here
+        raise CheckpointNotFoundError(
+            f"Could not download or find the model {name!r} ({type(err).__name__}: {err}).\n"
+            f"  Hub cache searched: {_hub_cache_dir(cache_dir)}\n"
+            f"  If this machine is offline, download it elsewhere (`huggingface-cli download {name} "
+            f"--local-dir DIR`), copy DIR here and pass the directory instead of the id, "
+            f"e.g. from_pretrained('DIR') or `--model DIR`; or set HF_HUB_OFFLINE=1 to use the cache only."
+        ) from err
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.exists():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        files = [directory / s for s in shards]
+    elif (directory / WEIGHTS_NAME).exists():
+        files = [directory / WEIGHTS_NAME]
+    else:
+        found = sorted(p.name for p in directory.iterdir())
+        bins = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = f" Found pickle-format weights {bins}: convert them to safetensors first." if bins else ""
+        raise CheckpointError(f"No {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}; files: {found}.{hint}")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"Weight shards listed in {index} are missing: {missing}")
+    return files
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Key remapping: every known layout -> keys of a transformers-5.x SiglipVisionModel (embeddings./encoder./
+# post_layernorm./head.). `None` means: not part of the vision tower, skip.
+# --------------------------------------------------------------------------------------------------------------------
+
+_VISION_ROOTS = ("embeddings.", "encoder.", "post_layernorm.", "head.")
+_HEAD_KEYS_RE = re.compile(r"^(probe|attention\.|layernorm\.|mlp\.)")
+_PREFIX_RULES: tuple[tuple[str, str | None], ...] = (
+    ("encoder_wrapper.model.vision_model.head.", None),  # reference training: untrained original head
+    ("encoder_wrapper.model.vision_model.", ""),  # reference training: trunk
+    ("encoder_wrapper.post_ln.", None),  # reference training: unused extra LayerNorm
+    ("head.map_pooler.", "head."),  # reference training: the trained head
+    ("backbone.vision_model.", ""),  # NearID release (transformers 4.x names)
+    ("backbone.", ""),  # NearID saved by transformers 5.x
+    ("vision_model.", ""),  # SiglipModel / SiglipVisionModel (4.x names)
+    ("text_model.", None),  # SiglipModel text tower
+)
+_DROP_KEYS = {"logit_scale", "logit_bias"}
+
+
+def vision_key(key: str) -> str | None:
+    """Map one checkpoint key of any supported layout to its SiglipVisionModel (5.x) key, or None to skip it."""
+    if key in _DROP_KEYS:
+        return None
+    for prefix, replacement in _PREFIX_RULES:
+        if key.startswith(prefix):
+            return None if replacement is None else replacement + key[len(prefix) :]
+    if key.startswith(_VISION_ROOTS):
+        return key
+    if _HEAD_KEYS_RE.match(key):  # bare head-only keys
+        return "head." + key
+    return key  # unknown: reported as unexpected by load_vision_state_dict
+
+
+def _read_tensors(files: Iterable[Path], dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read the vision-tower tensors (remapped with `vision_key`) from safetensors files; skip the rest unread."""
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as err:
+            raise CheckpointError(f"Cannot read {file} as safetensors ({err}); the file is truncated or corrupt.") from err
+        with handle as f:
+            metadata.update(f.metadata() or {})
+            for key in f.keys():
+                target = vision_key(key)
+                if target is None:
+                    continue
+                if target in tensors:
+                    raise CheckpointError(f"{file}: two tensors map to {target!r} (second: {key!r}).")
+                tensor = f.get_tensor(key)
+                tensors[target] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensors, metadata
+
+
+def load_vision_state_dict(
+    module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str, only_head: bool = False
+) -> None:
+    """Copy remapped tensors into a SiglipVisionModel (4.x or 5.x naming), failing loudly on any mismatch.
+
+    Args:
+        module: the `SiglipVisionModel` (e.g. `NearIDModel.backbone`).
+        tensors: keys as returned by `vision_key`.
+        source: file or id named in error messages.
+        only_head: expect just the 11 MAP-head tensors (head-only checkpoints).
+    """
+    own = module.state_dict()
+    nested = next(iter(own)).startswith("vision_model.")
+    to_own = (lambda k: "vision_model." + k) if nested else (lambda k: k)
+    expected = {k[len("vision_model.") :] if nested else k for k in own}
+    if only_head:
+        expected = {k for k in expected if k.startswith("head.")}
+    missing = sorted(expected - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected)
+    mismatched = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[to_own(k)].shape)}"
+        for k in sorted(expected & tensors.keys())
+        if tensors[k].shape != own[to_own(k)].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_shorten(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_shorten(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {source} does not match the model built from its config:\n  " + "\n  ".join(problems)
+        )
+    module.load_state_dict({to_own(k): v for k, v in tensors.items()}, strict=not only_head)
+
+
+def _shorten(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _build(config: NearIDConfig, dtype: torch.dtype | None) -> NearIDModel:
+    previous = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)
+        with no_init_weights():
+            model = NearIDModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _nearid_config_from(raw: dict, source: str) -> NearIDConfig:
+    model_type = raw.get("model_type")
+    if model_type == "nearid":
+        fields = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type", "transformers_version")}
+        return NearIDConfig(**fields)
+    if model_type == "siglip":
+        vision = raw.get("vision_config") or {}
+    elif model_type == "siglip_vision_model":
+        vision = raw
+    else:
+        raise CheckpointError(
+            f"{source}: config.json has model_type {model_type!r}; expected 'nearid', 'siglip' or "
+            f"'siglip_vision_model' (SigLIP2 NaFlex `siglip2` checkpoints are not supported: use the fixed-resolution "
+            f"ones such as google/siglip2-so400m-patch14-384)."
+        )
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "vision_use_head")
+    vision = {k: vision[k] for k in keep if k in vision}
+    if not vision.get("vision_use_head", True):
+        raise CheckpointError(f"{source}: this SigLIP checkpoint has no MAP head (vision_use_head=false).")
+    return NearIDConfig(vision_config=vision, backbone_name_or_path=source)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> tuple[NearIDModel, Path]:
+    """Load a NearID model from any supported layout (see the module docstring).
+
+    Returns:
+        (model in eval mode with every parameter frozen, the local directory holding the preprocessing config).
+    """
+    location = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    head_file = _head_only_file(location)
+    if head_file is not None:
+        return _load_head_only(head_file, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+
+    if not (location / CONFIG_NAME).exists():
+        raise CheckpointError(f"No {CONFIG_NAME} in {location}: not a NearID, SigLIP or head-only checkpoint.")
+    config = _nearid_config_from(_read_json(location / CONFIG_NAME), str(name_or_path))
+    tensors, _ = _read_tensors(_weight_files(location), dtype)
+    model = _build(config, dtype)
+    load_vision_state_dict(model.backbone, tensors, source=str(location))
+    model.requires_grad_(False)
+    return model.eval(), location
+
+
+def _head_only_file(location: Path) -> Path | None:
+    if location.is_file():
+        if location.suffix != ".safetensors":
+            raise CheckpointError(f"{location}: a single-file checkpoint must be a .safetensors head-only file.")
+        return location
+    candidate = location / HEAD_WEIGHTS_NAME
+    return candidate if candidate.exists() and not (location / WEIGHTS_NAME).exists() else None
+
+
+def _load_head_only(
+    file: Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None, local_files_only: bool
+) -> tuple[NearIDModel, Path]:
+    tensors, metadata = _read_tensors([file], dtype)
+    if metadata.get("format") != _HEAD_FORMAT or "config" not in metadata:
+        raise CheckpointError(
+            f"{file} is not a NearID head-only checkpoint (metadata 'format' must be {_HEAD_FORMAT!r} with a 'config'); "
+            f"save one with nearid_core.save_head_only()."
+        )
+    head_config = NearIDConfig(**json.loads(metadata["config"]))
+    trunk = head_config.backbone_name_or_path
+    if not trunk:
+        raise CheckpointError(f"{file}: the head-only checkpoint does not name its trunk (backbone_name_or_path).")
+    model, trunk_dir = load_model(trunk, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+    if model.config.vision_config.hidden_size != head_config.vision_config.hidden_size:
+        raise CheckpointError(
+            f"{file}: head width {head_config.vision_config.hidden_size} does not match trunk {trunk!r} "
+            f"(hidden_size {model.config.vision_config.hidden_size})."
+        )
+    load_vision_state_dict(model.backbone, tensors, source=str(file), only_head=True)
+    model.config.normalize_embeddings = head_config.normalize_embeddings
+    return model, trunk_dir
+
+
+def save_head_only(model: NearIDModel, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the MAP head (~15M parameters) as one safetensors file that names its trunk.
+
+    Args:
+        model: a NearID model whose `config.backbone_name_or_path` names the trunk it was trained on.
+        path: a `.safetensors` file, or a directory (then `nearid_head.safetensors` inside it).
+        dtype: optional storage dtype (e.g. torch.float16).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / HEAD_WEIGHTS_NAME
+    if not model.config.backbone_name_or_path:
+        raise ValueError("model.config.backbone_name_or_path is empty: a head-only checkpoint must name its trunk.")
+    tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.head_state_dict().items()}
+    config = model.config.to_dict()
+    for k in ("architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
+        config.pop(k, None)
+    _atomic_save(tensors, path, metadata={"format": _HEAD_FORMAT, "config": json.dumps(config)})
+    return path
+
+
+def save_release(model: NearIDModel, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
+                 preprocessor_config: Mapping | None = None) -> Path:
+    """Write the published release layout: config.json (model_type nearid), fp16 model.safetensors with
+    transformers-4.x key names `backbone.vision_model.*`, and preprocessor_config.json. Loads in 4.x and 5.x."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    own = model.backbone.state_dict()
+    tensors = {
+        "backbone.vision_model." + k.removeprefix("vision_model."): v.to(dtype).detach().contiguous().cpu()
+        for k, v in own.items()
+    }
+    _atomic_save(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("dtype", None)
+    config["architectures"] = ["NearIDModel"]
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if preprocessor_config is not None:
+        (directory / PREPROCESSOR_NAME).write_text(json.dumps(dict(preprocessor_config), indent=2))
+    return directory
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

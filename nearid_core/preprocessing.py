@@ -1,0 +1,262 @@
+"""Image preprocessing: one differentiable torch transform, plus adapters from every input kind into it.
+
+The transform reproduces transformers' slow SigLIP image processor (PIL resize to the checkpoint's size without
+keeping the aspect ratio, rescale by 1/255, normalise with the checkpoint's mean/std). It reads its parameters from the
+checkpoint's `preprocessor_config.json`, so nothing is tied to 384 px.
+
+Accepted image inputs (alone or in a list, mixed freely):
+
+* a file path (`str` / `os.PathLike`);
+* a PIL image of any mode (converted with `.convert("RGB")`, as the NearID reference does: alpha is dropped);
+* a numpy array HxW, HxWxC (C = 1, 3 or 4; alpha dropped) or NxHxWxC, `uint8` (0..255), `uint16` (0..65535) or float
+  in 0..1;
+* a torch tensor: ComfyUI IMAGE `[B, H, W, C]` (channels last) in 0..1, `[B, 3, H, W]` / `[3, H, W]` in 0..1, or
+  `uint8`. Float tensors keep their autograd graph, so gradients reach the input pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+Images = Union[ImageInput, Sequence[ImageInput]]
+
+# PIL resampling codes used in preprocessor_config.json -> torch interpolation modes.
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_RANGE_TOLERANCE = 1e-3
+
+
+class ImageInputError(ValueError):
+    """An image input cannot be read or has an unsupported shape, dtype or value range."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How pixels become model input; read from a checkpoint with `PreprocessConfig.from_pretrained`.
+
+    Args:
+        size: (height, width) fed to the model.
+        resample: "bilinear", "bicubic" or "nearest" (antialiased like PIL when downsampling).
+        rescale_factor: multiplier on 0..255 pixel values (1/255 for SigLIP).
+        mean, std: per-channel normalisation after rescaling.
+    """
+
+    size: tuple[int, int] = (384, 384)
+    resample: str = "bilinear"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_resize: bool = True
+    do_normalize: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.resample not in _RESAMPLE.values():
+            raise ValueError(f"PreprocessConfig.resample must be one of {sorted(_RESAMPLE.values())}, got {self.resample!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        """Build from the fields of a transformers `preprocessor_config.json` (SiglipImageProcessor)."""
+        size = data.get("size", {"height": 384, "width": 384})
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if "height" not in size:
+            raise ValueError(f"preprocessor size {size} is not supported; SigLIP resizes to a fixed height/width.")
+        resample = data.get("resample", 3)
+        if isinstance(resample, int):
+            if resample not in _RESAMPLE:
+                raise ValueError(f"preprocessor resample={resample} is not supported (use 0, 2 or 3).")
+            resample = _RESAMPLE[resample]
+        return cls(
+            size=(int(size["height"]), int(size["width"])),
+            resample=str(resample).lower(),
+            rescale_factor=float(data.get("rescale_factor", 1 / 255)) if data.get("do_rescale", True) else 1.0,
+            mean=tuple(data.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(data.get("image_std", (0.5, 0.5, 0.5))),
+            do_resize=bool(data.get("do_resize", True)),
+            do_normalize=bool(data.get("do_normalize", True)),
+            extra=data,
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, image_size: int | None = None) -> "PreprocessConfig":
+        """Read `preprocessor_config.json` from a checkpoint directory; without one, use SigLIP defaults at
+        `image_size` (with a warning, since the resampling filter then is a guess)."""
+        path = Path(directory) / "preprocessor_config.json"
+        if path.exists():
+            return cls.from_dict(json.loads(path.read_text()))
+        if image_size is None:
+            raise FileNotFoundError(f"No preprocessor_config.json in {directory} and no image_size given.")
+        logger.warning("No preprocessor_config.json in %s: using SigLIP defaults at %d px (bilinear).", directory, image_size)
+        return cls(size=(image_size, image_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A transformers-compatible `preprocessor_config.json` payload."""
+        codes = {v: k for k, v in _RESAMPLE.items()}
+        return {
+            "image_processor_type": "SiglipImageProcessor",
+            "do_resize": self.do_resize,
+            "size": {"height": self.size[0], "width": self.size[1]},
+            "resample": codes[self.resample],
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+
+
+def preprocess(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """The one transform: [B, 3, H, W] float pixels in 0..1 -> normalised model input [B, 3, h, w].
+
+    Differentiable (resize is `F.interpolate` with PIL-style antialiasing), so reward losses can reach the pixels.
+    Matches transformers' slow SigLIP processor to about one 8-bit level.
+    """
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ImageInputError(f"preprocess expects [B, 3, H, W] pixels, got shape {tuple(pixels.shape)}.")
+    x = pixels if pixels.is_floating_point() else pixels.float() / 255
+    if config.do_resize and tuple(x.shape[-2:]) != config.size:
+        mode = config.resample
+        x = F.interpolate(
+            x, size=config.size, mode=mode, antialias=mode != "nearest", align_corners=None if mode == "nearest" else False
+        )
+        if mode == "bicubic":
+            x = x.clamp(0, 1)  # PIL clips bicubic overshoot to the 8-bit range
+    x = x * (config.rescale_factor * 255)
+    if config.do_normalize:
+        mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adapters: any accepted input -> a stream of [3, H, W] float tensors in 0..1
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise ImageInputError(f"Image file not found: {path}") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageInputError(f"Cannot read image file {path}: {err}") from err
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image of any mode -> [3, H, W] float32 in 0..1 (mode conversion as the reference: `.convert("RGB")`)."""
+    if img.mode == "I;16" or img.mode.startswith("I;16"):
+        # PIL's I;16 -> RGB conversion clips at 255; scale the 16-bit range like numpy uint16 input instead.
+        arr = np.asarray(img, dtype=np.float32) / 65535.0
+        return torch.from_numpy(np.repeat(arr[None], 3, axis=0).copy())
+    rgb = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageInputError(f"{name}: numpy images must be HxW or HxWxC with C in (1, 3, 4); got shape {arr.shape}.")
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255)
+    elif arr.dtype == np.uint16:
+        x = torch.from_numpy(arr.astype(np.float32) / 65535.0)
+    elif np.issubdtype(arr.dtype, np.floating):
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        raise ImageInputError(f"{name}: numpy dtype {arr.dtype} is not supported; use uint8, uint16 or float in 0..1.")
+    x = x.permute(2, 0, 1)
+    return _to_rgb(x, name)
+
+
+def _to_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[C, H, W] with C in (1, 3, 4) -> [3, H, W]; validates the value range."""
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    elif x.shape[0] == 4:
+        x = x[:3]
+    if x.is_floating_point():
+        with torch.no_grad():
+            if not torch.isfinite(x).all():
+                raise ImageInputError(f"{name} contains NaN or infinite values.")
+            lo, hi = float(x.min()), float(x.max())
+        if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+            hint = " (divide by 255)" if hi > 1.5 else ""
+            hint = " (decoded images in -1..1: use (x + 1) / 2)" if lo < 0 else hint
+            raise ImageInputError(f"{name} has values in [{lo:.3g}, {hi:.3g}]; float images must be in 0..1{hint}.")
+    else:
+        x = x.float() / 255
+    return x
+
+
+def _tensor_images(t: torch.Tensor, name: str) -> Iterator[torch.Tensor]:
+    if t.dtype not in (torch.uint8,) and not t.is_floating_point():
+        raise ImageInputError(f"{name}: tensor dtype {t.dtype} is not supported; use float in 0..1 or uint8.")
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise ImageInputError(
+            f"{name}: image tensors must be [B, H, W, C] (ComfyUI IMAGE) or [B, 3, H, W]; got shape {tuple(t.shape)}. "
+            "A 2-D tensor is read as precomputed embeddings where embeddings are accepted."
+        )
+    channels_last = t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3)
+    if channels_last:
+        t = t.movedim(-1, 1)
+    elif t.shape[1] not in (1, 3, 4):
+        raise ImageInputError(f"{name}: cannot tell the channel axis of a tensor of shape {tuple(t.shape)}.")
+    for i in range(t.shape[0]):
+        yield _to_rgb(t[i], f"{name}[{i}]")
+
+
+def iter_images(images: Images) -> Iterator[torch.Tensor]:
+    """Yield every image of `images` as a [3, H, W] float tensor in 0..1 (files are opened lazily)."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    for index, item in enumerate(items):
+        name = f"image {index}"
+        if isinstance(item, (str, os.PathLike)):
+            yield pil_to_tensor(load_image(item))
+        elif isinstance(item, Image.Image):
+            yield pil_to_tensor(item)
+        elif isinstance(item, np.ndarray):
+            if item.ndim == 4:
+                for j in range(item.shape[0]):
+                    yield _array_to_tensor(item[j], f"{name}[{j}]")
+            else:
+                yield _array_to_tensor(item, name)
+        elif isinstance(item, torch.Tensor):
+            yield from _tensor_images(item, name)
+        else:
+            raise ImageInputError(
+                f"{name}: unsupported input type {type(item).__name__}; pass file paths, PIL images, numpy arrays "
+                "or torch tensors."
+            )
+
+
+def preprocess_images(images: Sequence[torch.Tensor], config: PreprocessConfig) -> torch.Tensor:
+    """Apply `preprocess` to [3, H, W] images of possibly different sizes -> [N, 3, h, w]."""
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(images):  # resize runs of equal-sized images together
+        end = start + 1
+        while end < len(images) and images[end].shape == images[start].shape:
+            end += 1
+        out.append(preprocess(torch.stack(list(images[start:end])), config))
+        start = end
+    return torch.cat(out) if len(out) > 1 else out[0]

@@ -1,0 +1,227 @@
+"""`NearIDScorer`: embed, compare, score and rank images by subject identity.
+
+Scores are cosine similarities of L2-normalised NearID embeddings, in [-1, 1]; higher means more likely the same
+object instance. `to_percent` gives the DreamBench convention, 100 * cosine. Scores from different models (NearID vs
+frozen SigLIP vs CLIP) are not on a common scale: compare rankings, not raw values, across models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_model
+from .modeling_nearid import NearIDModel
+from .preprocessing import Images, PreprocessConfig, iter_images, preprocess_images
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
+REDUCTIONS = ("mean", "min", "max", "centroid")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when this CPU has bf16 matrix instructions (AMX or AVX512-BF16), where bf16 runs ~3-4x faster."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        if any(p() for p in probes if p is not None):
+            return True
+    except RuntimeError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the paper's precision), bf16 on CPUs with bf16 matrix units, fp32 otherwise."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_bf16_matmul():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_percent(cosine: torch.Tensor) -> torch.Tensor:
+    """Cosine in [-1, 1] -> the DreamBench 0-100 scale (100 * cosine; negative values stay negative)."""
+    return cosine * 100
+
+
+class NearIDScorer:
+    """Identity scorer over a [`NearIDModel`] and the preprocessing that came with its checkpoint.
+
+    Example:
+        >>> scorer = NearIDScorer.from_pretrained("Aleksandar/nearid-siglip2")
+        >>> scores = scorer.score("reference.png", ["a.png", "b.png"])     # Tensor[2], cosine in [-1, 1]
+        >>> order, ranked = scorer.rank(["ref1.png", "ref2.png"], candidates, top_k=3)
+    """
+
+    def __init__(
+        self,
+        model: NearIDModel,
+        preprocess_config: PreprocessConfig,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.preprocess_config = preprocess_config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = DEFAULT_MODEL,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "NearIDScorer":
+        """Load a scorer from a hub id or local path (NearID release, plain SigLIP, or head-only checkpoint).
+
+        Args:
+            name_or_path: hub id (downloaded on first use) or local directory / head-only `.safetensors` file.
+            device: default CUDA if available, else CPU.
+            dtype: default fp16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 otherwise.
+            **kwargs: `revision`, `cache_dir`, `local_files_only` for the download.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        model, config_dir = load_model(name_or_path, dtype=dtype, **kwargs)
+        preprocess_config = PreprocessConfig.from_pretrained(config_dir, model.config.vision_config.image_size)
+        return cls(model, preprocess_config, device=device, dtype=dtype)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.embed_dim
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _batches(self, images: Images, batch_size: int, progress: bool | None, desc: str) -> Iterator[list[torch.Tensor]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        total = len(images) if isinstance(images, (list, tuple)) else None
+        show = progress if progress is not None else (total is not None and total > 4 * batch_size)
+        stream = iter_images(images)
+        with tqdm(total=total, desc=desc, unit="img", disable=not show) as bar:
+            while batch := list(islice(stream, batch_size)):
+                yield batch
+                bar.update(len(batch))
+
+    def pixel_values(self, images: Images) -> torch.Tensor:
+        """Model input [N, 3, h, w] on the scorer's device and dtype (differentiable w.r.t. float tensor inputs)."""
+        pixels = preprocess_images([im.to(self.device) for im in iter_images(images)], self.preprocess_config)
+        return pixels.to(self.dtype)
+
+    def embed(self, images: Images, batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
+        """Images -> L2-normalised embeddings [N, D] (float32, on the scorer's device).
+
+        Gradients flow to float tensor inputs that require grad (the weights are frozen); wrap the call in
+        `torch.no_grad()` / `torch.inference_mode()` when you do not need them. Batch results equal one-by-one results.
+        """
+        out = []
+        for batch in self._batches(images, batch_size, progress, "embed"):
+            pixels = preprocess_images([im.to(self.device) for im in batch], self.preprocess_config).to(self.dtype)
+            out.append(self.model.get_image_features(pixels, normalize=False).float())
+        if not out:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def _embeddings(self, x: Images | torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Precomputed embeddings (a 2-D tensor [N, D]) pass through (re-normalised); anything else is embedded."""
+        if isinstance(x, torch.Tensor) and x.ndim == 2:
+            if x.shape[1] != self.embed_dim:
+                raise ValueError(
+                    f"Embeddings have dimension {x.shape[1]} but this model's is {self.embed_dim}; 2-D tensors are "
+                    "read as precomputed embeddings, pass images as [B, H, W, C] or [B, 3, H, W]."
+                )
+            return F.normalize(x.to(self.device).float(), dim=-1)
+        return self.embed(x, batch_size=batch_size)
+
+    def similarity(self, a: Images | torch.Tensor, b: Images | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Cosine similarity matrix [len(a), len(b)] in [-1, 1] between images or precomputed embeddings."""
+        return self._embeddings(a, batch_size) @ self._embeddings(b, batch_size).T
+
+    def score(
+        self,
+        references: Images | torch.Tensor,
+        candidates: Images | torch.Tensor,
+        reduce: str = "mean",
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """One identity score per candidate: Tensor[len(candidates)], cosine in [-1, 1].
+
+        Args:
+            references: one or many images of the subject, or their embeddings [R, D].
+            candidates: images (or embeddings) to score.
+            reduce: over references: "mean" / "min" / "max" of the cosines, or "centroid" = cosine to the
+                normalised mean reference embedding.
+        """
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
+        refs = self._embeddings(references, batch_size)
+        if refs.shape[0] == 0:
+            raise ValueError("references is empty: pass at least one reference image or embedding.")
+        cands = self._embeddings(candidates, batch_size)
+        if reduce == "centroid":
+            return cands @ F.normalize(refs.mean(0), dim=-1)
+        sims = cands @ refs.T
+        return {"mean": sims.mean, "min": lambda d: sims.min(d).values, "max": lambda d: sims.max(d).values}[reduce](1)
+
+    def rank(
+        self,
+        references: Images | torch.Tensor,
+        candidates: Images | torch.Tensor,
+        top_k: int | None = None,
+        reduce: str = "mean",
+        batch_size: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates ordered best first: (indices [k], scores [k]); ties keep the input order."""
+        scores = self.score(references, candidates, reduce=reduce, batch_size=batch_size)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        if top_k is not None:
+            order = order[: max(top_k, 0)]
+        return order, scores[order]
+
+    def attention_maps(self, images: Images, size: tuple[int, int] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Where the MAP head reads identity from: the probe's attention over the patch grid, averaged over heads,
+        upsampled to the image and scaled to 0..1 per image.
+
+        Args:
+            size: (H, W) of the output maps; default each image's own size.
+
+        Returns:
+            Tensor [N, H, W] (float32, CPU) when all maps share a size, otherwise a list of [H, W] tensors.
+        """
+        vision = self.model.config.vision_config
+        grid_h = grid_w = vision.image_size // vision.patch_size
+        covered = grid_h * vision.patch_size / vision.image_size  # the conv never sees the last rows/columns
+        maps = []
+        with torch.no_grad():
+            for batch in self._batches(images, 16, None, "attention"):
+                pixels = preprocess_images([im.to(self.device) for im in batch], self.preprocess_config)
+                tokens = self.model.encode_tokens(pixels.to(self.dtype))
+                _, attn = self.model.pool(tokens, output_attentions=True)
+                grids = attn.float().reshape(-1, 1, grid_h, grid_w).cpu()
+                for image, grid in zip(batch, grids):
+                    h, w = size or tuple(image.shape[-2:])
+                    inner = (max(1, round(h * covered)), max(1, round(w * covered)))
+                    up = F.interpolate(grid[None], size=inner, mode="bilinear", align_corners=False)
+                    up = F.pad(up, (0, w - inner[1], 0, h - inner[0]), mode="replicate")[0, 0]
+                    lo, hi = up.min(), up.max()
+                    maps.append((up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up))
+        if maps and all(m.shape == maps[0].shape for m in maps):
+            return torch.stack(maps)
+        return maps
