@@ -107,6 +107,19 @@ class NearIDScorer:
     def embed_dim(self) -> int:
         return self.model.config.embed_dim
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "NearIDScorer":
+        """Move the model (and where inputs go) to another device and/or dtype; returns self."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        self.model.to(device=self.device, dtype=self.dtype)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"NearIDScorer(embed_dim={self.embed_dim}, image_size={self.preprocess_config.size}, "
+                f"device={self.device}, dtype={self.dtype})")
+
     # ---------------------------------------------------------------------------------------------------------------
 
     def _batches(self, images: Images, batch_size: int, progress: bool | None, desc: str) -> Iterator[list[torch.Tensor]]:
