@@ -103,7 +103,7 @@ def resolve_checkpoint(
         raise CheckpointNotFoundError(
             f"Could not download or find the model {name!r} ({type(err).__name__}: {err}).\n"
             f"  Hub cache searched: {_hub_cache_dir(cache_dir)}\n"
-            f"  If this machine is offline, download it elsewhere (`huggingface-cli download {name} "
+            f"  If this machine is offline, download it elsewhere (`hf download {name} "
             f"--local-dir DIR`), copy DIR here and pass the directory instead of the id, "
             f"e.g. from_pretrained('DIR') or `--model DIR`; or set HF_HUB_OFFLINE=1 to use the cache only."
         ) from err
