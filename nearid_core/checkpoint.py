@@ -343,8 +343,8 @@ def save_head_only(model: NearIDModel, path: str | os.PathLike, *, dtype: torch.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
         path = path / HEAD_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not model.config.backbone_name_or_path:
         raise ValueError("model.config.backbone_name_or_path is empty: a head-only checkpoint must name its trunk.")
     tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.head_state_dict().items()}

@@ -542,3 +542,9 @@ def test_public_api_exports():
         assert hasattr(nearid_core, name)
     assert issubclass(CheckpointError, ValueError)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
+
+
+def test_save_head_only_creates_missing_parent_directory(tmp_path, siglip_vision_dir):
+    target = tmp_path / "new" / "dir" / "head.safetensors"
+    written = nearid_core.save_head_only(tiny_nearid_model(1, backbone=str(siglip_vision_dir)), target)
+    assert written == target and target.exists()

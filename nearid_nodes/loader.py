@@ -1,0 +1,176 @@
+"""NearIDModelLoader: pick a checkpoint from `models/nearid/` (or a hub id) and return a managed scorer handle."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nearid_core import DEFAULT_MODEL, CheckpointNotFoundError, NearIDScorer
+
+from . import comfy_env
+
+logger = logging.getLogger(__name__)
+
+HUB_PREFIX = "hub:"
+DEFAULT_CHOICE = HUB_PREFIX + DEFAULT_MODEL
+DEVICES = ("auto", "cpu")
+DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPECTED_FILES = (
+    "an HF-format directory (config.json + model.safetensors + preprocessor_config.json, as downloaded from "
+    f"{DEFAULT_MODEL}) or a NearID head-only .safetensors file"
+)
+
+
+@dataclass(eq=False)
+class NearIDModelHandle:
+    """What flows through a NEARID_MODEL socket: the core scorer, plus ComfyUI's handle on its weights.
+
+    Attributes:
+        scorer: the `nearid_core.NearIDScorer`; call `ready()` before using it.
+        name: where the weights came from (hub id or absolute path); embeddings remember it.
+        batch_size: images per forward pass.
+        patcher: ComfyUI ModelPatcher managing the weights (None outside ComfyUI or on device "cpu").
+    """
+
+    scorer: NearIDScorer
+    name: str
+    batch_size: int = 16
+    patcher: Any = None
+
+    def ready(self) -> NearIDScorer:
+        """Load the weights onto the compute device through ComfyUI (which may evict other models, or this one
+        later when memory is needed) and point the scorer's inputs at wherever the weights now are."""
+        device = comfy_env.load_to_device(self.patcher, self.scorer.model)
+        return self.scorer.to(device)
+
+    def __repr__(self) -> str:
+        return f"NearIDModelHandle({self.name!r}, {self.scorer!r})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model dropdown
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _parents(relpath: str) -> list[str]:
+    parts = relpath.replace("\\", "/").split("/")[:-1]
+    return [os.path.join(*parts[: i + 1]) for i in range(len(parts))]
+
+
+def model_choices() -> list[str]:
+    """Dropdown entries: the default hub id, HF-format directories (holding config.json) and head-only
+    `.safetensors` files under every registered `nearid` folder (files inside HF directories are not listed)."""
+    files = comfy_env.model_files()
+    hf_dirs = sorted({os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)})
+    inside = set(hf_dirs)
+    heads = [
+        f for f in files
+        if f.lower().endswith(".safetensors") and not any(p in inside for p in _parents(f))
+    ]
+    return [DEFAULT_CHOICE, *hf_dirs, *sorted(heads)]
+
+
+def _searched() -> str:
+    return "\n".join(f"  - {folder}" for folder in comfy_env.model_folders())
+
+
+def resolve_model(choice: str, hub_id: str = "") -> str:
+    """Dropdown entry (or the `hub_id` override) -> a hub id or an absolute local path for `from_pretrained`.
+
+    Raises:
+        FileNotFoundError: naming every folder searched and the files expected there.
+    """
+    override = (hub_id or "").strip()
+    target = override or choice
+    if not override and choice.startswith(HUB_PREFIX):
+        return choice[len(HUB_PREFIX):]
+    if os.path.isabs(os.path.expanduser(target)):
+        path = os.path.expanduser(target)
+        if os.path.exists(path):
+            return path
+        raise FileNotFoundError(f"NearID model path {path!r} does not exist.")
+    for folder in comfy_env.model_folders():
+        path = os.path.join(folder, target)
+        if os.path.exists(path):
+            return os.path.abspath(path)
+    if override:
+        return override  # not a local entry: a hub id, resolved (and explained if missing) by nearid_core
+    raise FileNotFoundError(
+        f"NearID model {choice!r} was not found. Folders searched:\n{_searched()}\n"
+        f"Put {EXPECTED_FILES} in one of them (then refresh the node list), or choose {DEFAULT_CHOICE!r}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The node
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class NearIDModelLoader:
+    """Load a NearID identity model (SigLIP2 trunk + NearID MAP head) for the other NearID nodes."""
+
+    DESCRIPTION = (
+        "Loads a NearID identity model from models/nearid/ (HF-format directories and head-only .safetensors files) "
+        f"or from the Hugging Face hub (default {DEFAULT_MODEL}, downloaded to the HF cache on first use). "
+        "The weights are handed to ComfyUI's model management: moved to the GPU when a NearID node runs and "
+        "offloaded when other models need the memory."
+    )
+    CATEGORY = "NearID/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("NEARID_MODEL",)
+    RETURN_NAMES = ("nearid_model",)
+    OUTPUT_TOOLTIPS = ("NearID scorer for the Embed / Score / Best-of-N / Threshold / Heatmap nodes.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": (model_choices(), {
+                    "default": DEFAULT_CHOICE,
+                    "tooltip": "Entries under models/nearid/ (directories with config.json, head-only .safetensors "
+                               f"files) or '{DEFAULT_CHOICE}' (downloaded from the hub on first use).",
+                }),
+                "device": (list(DEVICES), {
+                    "default": "auto",
+                    "tooltip": "auto: ComfyUI's GPU, with automatic offloading when idle; cpu: always run on the CPU.",
+                }),
+                "dtype": (list(DTYPES), {
+                    "default": "auto",
+                    "tooltip": "auto: fp16/bf16 on GPUs as ComfyUI picks for the device; bf16 on CPUs with bf16 "
+                               "matrix units, else fp32. Scores differ by about 1e-3 between precisions.",
+                }),
+                "batch_size": ("INT", {
+                    "default": 16, "min": 1, "max": 256,
+                    "tooltip": "Images per forward pass (lower it if the GPU runs out of memory).",
+                }),
+            },
+            "optional": {
+                "hub_id": ("STRING", {
+                    "default": "",
+                    "tooltip": "Overrides the dropdown when not empty: a hub id 'owner/name', an absolute path, or a "
+                               "path relative to models/nearid/.",
+                }),
+            },
+        }
+
+    def load(self, model: str, device: str, dtype: str, batch_size: int, hub_id: str = "") -> tuple[NearIDModelHandle]:
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}.")
+        source = resolve_model(model, hub_id)
+        load = comfy_env.load_device() if device == "auto" else torch.device("cpu")
+        offload = comfy_env.offload_device() if device == "auto" else torch.device("cpu")
+        torch_dtype = DTYPES[dtype] or comfy_env.auto_dtype(load)
+        try:
+            with torch.inference_mode():
+                scorer = NearIDScorer.from_pretrained(source, device=offload, dtype=torch_dtype)
+        except CheckpointNotFoundError as err:
+            raise CheckpointNotFoundError(f"{err}\nLocal NearID folders searched:\n{_searched()}") from err
+        patcher = comfy_env.make_patcher(scorer.model, load, offload) if device == "auto" else None
+        logger.info("NearID: loaded %s (%s, dtype %s, compute device %s)", source, model, scorer.dtype, load)
+        return (NearIDModelHandle(scorer=scorer, name=str(source), batch_size=int(batch_size), patcher=patcher),)

@@ -1,0 +1,546 @@
+"""Every NearID node called as ComfyUI calls it: ComfyUI-format tensors, a tiny random NearID model, and stand-ins for
+`folder_paths` / `comfy.*` injected through sys.modules (the real ones exist only inside ComfyUI)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import nearid_nodes
+from nearid_core import NearIDScorer
+from nearid_nodes import comfy_env
+from nearid_nodes.heatmap import NearIDAttentionHeatmap
+from nearid_nodes.loader import DEFAULT_CHOICE, NearIDModelHandle, NearIDModelLoader, model_choices, resolve_model
+from nearid_nodes.scoring import NearIDBestOfN, NearIDEmbed, NearIDEmbedding, NearIDScore, NearIDThresholdFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 40, 48  # candidate size; references use other sizes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ComfyUI stand-ins
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class ExecutionBlocker:
+    def __init__(self, message):
+        self.message = message
+
+
+class FakeComfy:
+    """Records what the nodes ask of ComfyUI."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.loads: list[tuple[list, dict]] = []
+        self.progress: list[tuple[int, list[int]]] = []
+        self.interrupt_after: int | None = None
+        self.interrupt_checks = 0
+        self.modules = self._build(models_dir)
+
+    def _build(self, models_dir: Path) -> dict[str, types.ModuleType]:
+        fake = self
+        fp = types.ModuleType("folder_paths")
+        fp.models_dir = str(models_dir)
+        fp.folder_names_and_paths = {}
+
+        def add_model_folder_path(name, path, is_default=False):
+            paths, _ = fp.folder_names_and_paths.setdefault(name, ([], set()))
+            if path not in paths:
+                paths.insert(0, path) if is_default else paths.append(path)
+
+        def get_filename_list(name):
+            paths, exts = fp.folder_names_and_paths[name]
+            out = set()
+            for base in paths:
+                for root, _, files in os.walk(base, followlinks=True):
+                    for f in files:
+                        if not exts or os.path.splitext(f)[1].lower() in exts:
+                            out.add(os.path.relpath(os.path.join(root, f), base))
+            return sorted(out)
+
+        fp.add_model_folder_path = add_model_folder_path
+        fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+        fp.get_filename_list = get_filename_list
+
+        mm = types.ModuleType("comfy.model_management")
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.unet_offload_device = lambda: torch.device("cpu")
+        mm.intermediate_device = lambda: torch.device("cpu")
+        mm.should_use_fp16 = lambda device=None, **kw: False
+        mm.should_use_bf16 = lambda device=None, **kw: False
+
+        def load_models_gpu(models, **kwargs):
+            fake.loads.append((list(models), kwargs))
+            for patcher in models:
+                patcher.model.to(patcher.load_device)
+
+        def throw_exception_if_processing_interrupted():
+            fake.interrupt_checks += 1
+            if fake.interrupt_after is not None and fake.interrupt_checks > fake.interrupt_after:
+                raise Interrupted()
+
+        mm.load_models_gpu = load_models_gpu
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+
+        mp = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+                if not hasattr(model, "device"):  # as ComfyUI's ModelPatcher does: fails on read-only properties
+                    model.device = offload_device
+                self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+        mp.ModelPatcher = ModelPatcher
+
+        utils = types.ModuleType("comfy.utils")
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.record = (total, [])
+                fake.progress.append(self.record)
+
+            def update(self, value):
+                self.record[1].append(value)
+
+        utils.ProgressBar = ProgressBar
+        comfy = types.ModuleType("comfy")
+        comfy.__path__ = []
+        comfy.model_management, comfy.model_patcher, comfy.utils = mm, mp, utils
+        graph_utils = types.ModuleType("comfy_execution.graph_utils")
+        graph_utils.ExecutionBlocker = ExecutionBlocker
+        return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": mp,
+                "comfy.utils": utils, "comfy_execution.graph_utils": graph_utils}
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path) -> FakeComfy:
+    fake = FakeComfy(tmp_path / "models")
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def handle(release_dir) -> NearIDModelHandle:
+    (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 3, hub_id=str(release_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer(release_dir) -> NearIDScorer:
+    return NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
+
+
+def images(n: int, h: int = H, w: int = W, seed: int = 0) -> torch.Tensor:
+    """A ComfyUI IMAGE batch: float32 [n, h, w, 3] in 0..1."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, h, w, 3, generator=g)
+
+
+def result(out: dict) -> tuple:
+    assert set(out) == {"ui", "result"} and isinstance(out["ui"]["text"], list)
+    return out["result"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Package, entry point, node definitions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_root_entry_imports_like_comfyui(monkeypatch):
+    """ComfyUI imports the cloned folder by path under a mangled module name; relative imports must work, and
+    nothing may need torchvision / torchaudio (blocked here: importing them raises ImportError)."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchaudio", None)
+    name = str(ROOT).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert set(module.NODE_CLASS_MAPPINGS) == set(nearid_nodes.NODE_CLASS_MAPPINGS)
+        assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(module.NODE_CLASS_MAPPINGS)
+        assert (ROOT / module.WEB_DIRECTORY / "nearid.js").is_file()
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def test_node_ids_are_frozen_and_prefixed():
+    assert list(nearid_nodes.NODE_CLASS_MAPPINGS) == [
+        "NearIDModelLoader", "NearIDEmbed", "NearIDScore", "NearIDBestOfN", "NearIDThresholdFilter",
+        "NearIDAttentionHeatmap",
+    ]
+
+
+@pytest.mark.parametrize("node_id", list(nearid_nodes.NODE_CLASS_MAPPINGS))
+def test_node_definition(node_id):
+    cls = nearid_nodes.NODE_CLASS_MAPPINGS[node_id]
+    assert cls.CATEGORY.startswith("NearID/") and cls.DESCRIPTION
+    assert callable(getattr(cls, cls.FUNCTION))
+    n = len(cls.RETURN_TYPES)
+    assert len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS) == n
+    assert len(getattr(cls, "OUTPUT_IS_LIST", (False,) * n)) == n
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    for section in ("required", "optional"):
+        for name, (kind, options) in spec.get(section, {}).items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, list):
+                assert options.get("default", kind[0]) in kind
+    if node_id != "NearIDModelLoader":
+        assert spec["required"]["nearid_model"][0] == "NEARID_MODEL"
+
+
+def test_score_semantics_are_documented():
+    for cls in (NearIDScore, NearIDBestOfN, NearIDThresholdFilter):
+        assert "[-1, 1]" in cls.DESCRIPTION and "100 x cos" in cls.DESCRIPTION
+
+
+def test_pack_needs_neither_torchvision_nor_torchaudio():
+    files = [ROOT / "__init__.py", *(ROOT / "nearid_nodes").glob("*.py"), *(ROOT / "nearid_core").rglob("*.py")]
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("torchvision", "torchaudio") for n in names), file
+
+
+def test_requirements_match_pyproject_without_torch():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert sorted(reqs) == sorted(d for d in deps if not d.startswith("torch"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# comfy_env outside ComfyUI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_comfy_env_falls_back_outside_comfyui(monkeypatch, tmp_path):
+    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    monkeypatch.setenv("NEARID_MODELS_DIR", str(tmp_path))
+    assert comfy_env.model_folders() == [str(tmp_path)]
+    assert comfy_env.model_files() == []
+    assert comfy_env.load_device() == comfy_env.offload_device() == torch.device("cpu")
+    assert comfy_env.auto_dtype(torch.device("cpu")) is None
+    assert comfy_env.make_patcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu")) is None
+    comfy_env.progress_bar(3).update(1)
+    comfy_env.check_interrupt()
+    comfy_env.register_model_folder()
+    (tmp_path / "head.safetensors").write_bytes(b"")
+    assert model_choices() == [DEFAULT_CHOICE, "head.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def models_dir(fake_comfy, release_dir, head_only_file) -> Path:
+    base = Path(fake_comfy.modules["folder_paths"].models_dir) / "nearid"
+    shutil.copytree(release_dir, base / "nearid-tiny")
+    (base / "heads").mkdir(parents=True)
+    shutil.copy(head_only_file, base / "heads" / "my_head.safetensors")
+    (base / "notes.txt").write_text("ignored")
+    return base
+
+
+def test_model_dropdown_lists_directories_and_head_files(models_dir, fake_comfy):
+    import folder_paths
+
+    comfy_env.register_model_folder()
+    assert folder_paths.get_folder_paths("nearid") == [str(models_dir)]
+    choices = NearIDModelLoader.INPUT_TYPES()["required"]["model"][0]
+    assert choices == [DEFAULT_CHOICE, "nearid-tiny", os.path.join("heads", "my_head.safetensors")]
+
+
+@pytest.mark.parametrize("entry", ["nearid-tiny", os.path.join("heads", "my_head.safetensors")])
+def test_loader_loads_dropdown_entries_under_comfy_management(models_dir, fake_comfy, entry):
+    (out,) = NearIDModelLoader().load(entry, "auto", "float32", 4)
+    assert out.name == str(models_dir / entry) and out.batch_size == 4
+    assert out.patcher is not None and out.patcher.model.inner is out.scorer.model
+    assert out.scorer.dtype == torch.float32
+    result(NearIDScore().score(out, images(2), reference_images=images(1, seed=1)))
+    patchers, kwargs = fake_comfy.loads[-1]
+    assert patchers == [out.patcher] and kwargs.get("force_full_load") is True
+
+
+def test_loader_device_cpu_skips_comfy_management(models_dir, fake_comfy):
+    (out,) = NearIDModelLoader().load("nearid-tiny", "cpu", "float32", 16)
+    assert out.patcher is None
+    result(NearIDScore().score(out, images(1), reference_images=images(1, seed=1)))
+    assert fake_comfy.loads == []
+
+
+def test_loader_errors_list_searched_folders(models_dir, fake_comfy, tmp_path):
+    extra = tmp_path / "extra_nearid"
+    fake_comfy.modules["folder_paths"].add_model_folder_path("nearid", str(extra))
+    with pytest.raises(FileNotFoundError) as err:
+        NearIDModelLoader().load("gone-model", "auto", "auto", 16)
+    assert str(models_dir) in str(err.value) and str(extra) in str(err.value)
+    assert resolve_model(DEFAULT_CHOICE) == DEFAULT_CHOICE.removeprefix("hub:")
+    assert resolve_model("nearid-tiny", hub_id="owner/other") == "owner/other"
+    assert resolve_model(DEFAULT_CHOICE, hub_id="nearid-tiny") == str(models_dir / "nearid-tiny")
+    with pytest.raises(ValueError, match="dtype"):
+        NearIDModelLoader().load("nearid-tiny", "auto", "float64", 16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Embed + Score
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_embed_matches_core_and_appends(handle, scorer):
+    refs_a, refs_b = images(2, 64, 56, seed=1), images(1, 30, 30, seed=2)
+    (emb,) = result(NearIDEmbed().embed(handle, refs_a))
+    assert isinstance(emb, NearIDEmbedding) and emb.vectors.shape == (2, scorer.embed_dim)
+    assert emb.vectors.device.type == "cpu" and emb.vectors.dtype == torch.float32
+    with torch.inference_mode():
+        torch.testing.assert_close(emb.vectors, scorer.embed(refs_a), atol=1e-5, rtol=0)
+    (both,) = result(NearIDEmbed().embed(handle, refs_b, embedding=emb))
+    assert len(both) == 3 and torch.equal(both.vectors[:2], emb.vectors)
+    torch.testing.assert_close(both.vectors.norm(dim=-1), torch.ones(3))
+
+
+def test_score_matches_core_with_references_of_another_size(handle, scorer):
+    refs, cands = images(2, 64, 56, seed=1), images(4)
+    out = NearIDScore().score(handle, cands, "mean", reference_images=refs)
+    scores, ranking, table = result(out)
+    with torch.inference_mode():
+        expected = scorer.score(refs, cands, reduce="mean")
+    assert isinstance(scores, list) and len(scores) == 4 and all(isinstance(s, float) for s in scores)
+    torch.testing.assert_close(torch.tensor(scores), expected, atol=1e-5, rtol=0)
+    assert ranking == torch.sort(torch.tensor(scores), descending=True, stable=True).indices.tolist()
+    assert out["ui"]["text"] == [table] and "100 x cosine" in table
+    best = ranking[0]
+    assert f"{100 * scores[best]:.2f}" in table.splitlines()[4]  # header (3 lines), column names, best first
+
+
+@pytest.mark.parametrize("reduce", ["mean", "min", "max", "centroid"])
+def test_score_from_embedding_equals_score_from_images(handle, reduce):
+    refs, cands = images(3, 50, 50, seed=3), images(2)
+    (emb,) = result(NearIDEmbed().embed(handle, refs))
+    from_images = result(NearIDScore().score(handle, cands, reduce, reference_images=refs))[0]
+    from_emb = result(NearIDScore().score(handle, cands, reduce, reference_embedding=emb))[0]
+    torch.testing.assert_close(torch.tensor(from_emb), torch.tensor(from_images), atol=1e-5, rtol=0)
+    assert all(-1 - 1e-5 <= s <= 1 + 1e-5 for s in from_emb)
+
+
+def test_score_combines_embedding_and_images(handle):
+    ref_a, ref_b, cands = images(1, 64, 64, seed=1), images(1, 36, 28, seed=2), images(2)
+    (emb,) = result(NearIDEmbed().embed(handle, ref_a))
+    combined = result(NearIDScore().score(handle, cands, "min", reference_images=ref_b, reference_embedding=emb))[0]
+    a = result(NearIDScore().score(handle, cands, "min", reference_images=ref_a))[0]
+    b = result(NearIDScore().score(handle, cands, "min", reference_images=ref_b))[0]
+    expected = torch.minimum(torch.tensor(a), torch.tensor(b))
+    torch.testing.assert_close(torch.tensor(combined), expected, atol=1e-5, rtol=0)
+
+
+def test_score_single_image_and_empty_batch(handle):
+    scores, ranking, _ = result(NearIDScore().score(handle, images(1), reference_images=images(1, seed=1)))
+    assert len(scores) == 1 and ranking == [0]
+    scores, ranking, table = result(NearIDScore().score(handle, images(0), reference_images=images(1, seed=1)))
+    assert scores == [] and ranking == [] and "no images" in table
+
+
+def test_score_identical_image_scores_one(handle):
+    img = images(1)
+    (score,), _, table = result(NearIDScore().score(handle, img, reference_images=img))
+    assert score == pytest.approx(1.0, abs=1e-4) and "100.00" in table
+
+
+def test_score_errors(handle, release_dir):
+    with pytest.raises(ValueError, match="reference_images and/or reference_embedding"):
+        NearIDScore().score(handle, images(2))
+    with pytest.raises(ValueError, match="empty"):
+        NearIDScore().score(handle, images(2), reference_images=images(0))
+    nan = images(3)
+    nan[1, 5, 5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\[1\].*NaN"):
+        NearIDScore().score(handle, nan, reference_images=images(1, seed=1))
+    with pytest.raises(ValueError, match="reference_images"):
+        NearIDScore().score(handle, images(1), reference_images=nan)
+    with pytest.raises(ValueError, match="IMAGE tensor"):
+        NearIDScore().score(handle, torch.rand(3, H, W), reference_images=images(1))
+    other = NearIDModelHandle(scorer=handle.scorer, name="another/model")
+    (emb,) = result(NearIDEmbed().embed(other, images(1)))
+    with pytest.raises(ValueError, match="not comparable"):
+        NearIDScore().score(handle, images(1), reference_embedding=emb)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Best-of-N
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_best_of_n_selects_images_latents_and_masks(handle):
+    cands, refs = images(5), images(2, 60, 60, seed=7)
+    all_scores = result(NearIDScore().score(handle, cands, reference_images=refs))[0]
+    samples = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 4, 5, 6).clone()
+    latent = {"samples": samples, "batch_index": [10, 11, 12, 13, 14]}
+    mask = torch.arange(5.0).view(5, 1, 1).expand(5, H, W).clone()
+    out = NearIDBestOfN().select(handle, cands, 2, "mean", "NearID/best", reference_images=refs, latent=latent,
+                                 mask=mask)
+    imgs, indices, scores, lat, msk, prefix, table = result(out)
+    order = sorted(range(5), key=lambda i: -all_scores[i])[:2]
+    assert indices == order and imgs.shape == (2, H, W, 3)
+    assert torch.equal(imgs, cands[order])
+    assert scores == pytest.approx([all_scores[i] for i in order], abs=1e-6)
+    assert lat["samples"].shape == (2, 4, 5, 6) and lat["samples"][:, 0, 0, 0].tolist() == [float(i) for i in order]
+    assert lat["batch_index"] == [10 + i for i in order] and latent["samples"].shape[0] == 5  # input untouched
+    assert msk[:, 0, 0].tolist() == [float(i) for i in order]
+    assert prefix == f"NearID/best_{100 * scores[0]:.1f}"
+    assert len(table.splitlines()) == 4 + 2
+
+
+def test_best_of_n_clamps_top_k_and_handles_one_and_zero_images(handle):
+    refs = images(1, 30, 50, seed=1)
+    imgs, indices, scores, lat, msk, prefix, _ = result(NearIDBestOfN().select(handle, images(3), 99, "mean", "x",
+                                                                              reference_images=refs))
+    assert imgs.shape[0] == 3 and sorted(indices) == [0, 1, 2] and scores == sorted(scores, reverse=True)
+    assert lat is None and msk.shape == (3, H, W) and not msk.any()
+    imgs, indices, *_ = result(NearIDBestOfN().select(handle, images(1), 4, "mean", "x", reference_images=refs,
+                                                      mask=torch.ones(H, W)))
+    assert imgs.shape == (1, H, W, 3) and indices == [0]
+    imgs, indices, scores, lat, msk, prefix, table = result(NearIDBestOfN().select(
+        handle, images(0), 1, "mean", "x", reference_images=refs, latent={"samples": torch.zeros(0, 4, 5, 6)}))
+    assert imgs.shape == (0, H, W, 3) and indices == [] and scores == [] and prefix == "x_none"
+    assert lat["samples"].shape == (0, 4, 5, 6) and msk.shape == (0, H, W)
+
+
+def test_best_of_n_errors(handle):
+    refs = images(1, seed=1)
+    with pytest.raises(ValueError, match="latent batch"):
+        NearIDBestOfN().select(handle, images(3), 1, reference_images=refs, latent={"samples": torch.zeros(2, 4, 5, 6)})
+    with pytest.raises(ValueError, match="mask batch"):
+        NearIDBestOfN().select(handle, images(3), 1, reference_images=refs, mask=torch.zeros(2, H, W))
+    bad = images(2)
+    bad[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        NearIDBestOfN().select(handle, bad, 1, reference_images=refs)
+
+
+def test_single_mask_is_repeated_for_every_kept_image(handle):
+    mask = torch.rand(1, H, W)
+    msk = result(NearIDBestOfN().select(handle, images(3), 2, reference_images=images(1, seed=1), mask=mask))[4]
+    assert msk.shape == (2, H, W) and torch.equal(msk[0], mask[0]) and torch.equal(msk[1], mask[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Threshold filter
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_threshold_splits_in_batch_order(handle):
+    cands, refs = images(4), images(2, 64, 40, seed=9)
+    scores = result(NearIDScore().score(handle, cands, reference_images=refs))[0]
+    threshold = sorted(scores)[1] + 1e-6  # two accepted, two rejected
+    acc, rej, n_acc, n_rej, out_scores, table = result(
+        NearIDThresholdFilter().split(handle, cands, threshold, "mean", reference_images=refs))
+    keep = [i for i in range(4) if scores[i] >= threshold]
+    assert n_acc == 2 and n_rej == 2 and torch.equal(acc, cands[keep])
+    assert torch.equal(rej, cands[[i for i in range(4) if i not in keep]])
+    assert out_scores == pytest.approx(scores, abs=1e-6)
+    assert table.count("accepted") >= 2 and "threshold" in table
+
+
+def test_threshold_with_nothing_accepted_returns_empty_batch(handle):
+    cands = images(3)
+    acc, rej, n_acc, n_rej, _, table = result(
+        NearIDThresholdFilter().split(handle, cands, 1.0, reference_images=images(1, seed=1)))
+    assert acc.shape == (0, H, W, 3) and acc.dtype == torch.float32 and n_acc == 0
+    assert torch.equal(rej, cands) and n_rej == 3
+    acc, rej, n_acc, n_rej, scores, _ = result(
+        NearIDThresholdFilter().split(handle, images(0), 0.0, reference_images=images(1, seed=1)))
+    assert acc.shape == rej.shape == (0, H, W, 3) and (n_acc, n_rej) == (0, 0) and scores == []
+
+
+def test_threshold_skips_downstream_of_an_empty_side_in_comfyui(handle, fake_comfy):
+    cands, refs = images(2), images(1, seed=1)
+    acc, rej, n_acc, n_rej, _, _ = result(NearIDThresholdFilter().split(handle, cands, 1.0, reference_images=refs))
+    assert isinstance(acc, ExecutionBlocker) and acc.message is None  # ComfyUI silently skips Save Image there
+    assert torch.equal(rej, cands) and (n_acc, n_rej) == (0, 2)
+    acc, rej, *_ = result(NearIDThresholdFilter().split(handle, cands, -1.0, reference_images=refs))
+    assert torch.equal(acc, cands) and isinstance(rej, ExecutionBlocker)
+    acc, *_ = result(NearIDThresholdFilter().split(handle, cands, 1.0, on_empty="empty batch", reference_images=refs))
+    assert acc.shape == (0, H, W, 3)
+    with pytest.raises(ValueError, match="on_empty"):
+        NearIDThresholdFilter().split(handle, cands, 1.0, on_empty="drop", reference_images=refs)
+
+
+def test_threshold_rejects_images_with_nan_instead_of_raising(handle):
+    cands = images(3)
+    cands[2, 0, 0, 1] = float("nan")
+    acc, rej, n_acc, n_rej, scores, table = result(
+        NearIDThresholdFilter().split(handle, cands, -1.0, reference_images=images(1, seed=1)))
+    assert n_acc == 2 and n_rej == 1 and torch.equal(acc, cands[:2]) and math.isnan(scores[2])
+    assert torch.isnan(rej).any() and "invalid" in table
+    with pytest.raises(ValueError, match="reference_images"):  # broken references are still an error
+        NearIDThresholdFilter().split(handle, images(1), 0.0, reference_images=cands)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Heatmap
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("colormap", ["inferno", "jet", "gray"])
+def test_heatmap_mask_and_overlay(handle, scorer, colormap):
+    imgs = images(4, 37, 53)
+    attention, overlay = NearIDAttentionHeatmap().heatmap(handle, imgs, 0.6, colormap)
+    assert attention.shape == (4, 37, 53) and overlay.shape == (4, 37, 53, 3)
+    assert attention.dtype == overlay.dtype == torch.float32
+    assert 0 <= attention.min() and attention.max() <= 1 and 0 <= overlay.min() and overlay.max() <= 1
+    with torch.inference_mode():
+        torch.testing.assert_close(attention, scorer.attention_maps(imgs, size=(37, 53)), atol=1e-5, rtol=0)
+    _, unchanged = NearIDAttentionHeatmap().heatmap(handle, imgs[:1], 0.0, colormap)
+    torch.testing.assert_close(unchanged, imgs[:1])
+
+
+def test_heatmap_empty_single_and_nan(handle):
+    attention, overlay = NearIDAttentionHeatmap().heatmap(handle, images(0), 0.5, "inferno")
+    assert attention.shape == (0, H, W) and overlay.shape == (0, H, W, 3)
+    attention, overlay = NearIDAttentionHeatmap().heatmap(handle, images(1), 1.0, "gray")
+    torch.testing.assert_close(overlay[0, :, :, 0], attention[0])  # gray at full opacity is the map itself
+    bad = images(2)
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        NearIDAttentionHeatmap().heatmap(handle, bad, 0.5, "inferno")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Progress and Cancel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_progress_counts_every_embedded_image(handle, fake_comfy):
+    result(NearIDScore().score(handle, images(7), reference_images=images(2, seed=1)))  # batch_size 3
+    total, updates = fake_comfy.progress[-1]
+    assert total == 9 and sum(updates) == 9 and updates == [2, 3, 3, 1]
+    NearIDAttentionHeatmap().heatmap(handle, images(4), 0.5, "inferno")
+    assert fake_comfy.progress[-1] == (4, [3, 1])
+
+
+def test_cancel_stops_between_batches(handle, fake_comfy):
+    fake_comfy.interrupt_after = 1
+    with pytest.raises(Interrupted):
+        NearIDScore().score(handle, images(7), reference_images=images(1, seed=1))
+    assert fake_comfy.progress[-1][1] == [1]  # references done, candidates interrupted before the first batch
