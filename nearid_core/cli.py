@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError
-from .preprocessing import ImageInputError
+from .preprocessing import IMAGE_SUFFIXES, ImageInputError
 from .scorer import DEFAULT_MODEL, REDUCTIONS, NearIDScorer, to_percent
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -73,7 +72,7 @@ def expand_images(items: Sequence[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ImageInputError(f"Directory {path} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+                raise ImageInputError(f"Directory {path} contains no image files ({', '.join(IMAGE_SUFFIXES)}).")
             paths.extend(found)
         elif path.exists():
             paths.append(path)

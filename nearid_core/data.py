@@ -32,7 +32,7 @@ same order; columns ``nimg1..3``). Benchmark splits are 0-based **row positions*
 (``splits/test.json`` of the reference repository: a list or ``{"indices": [...]}``), applied unchanged to every
 distractor dataset. MTG: ``abdo-eldesokey/mtg-dataset`` (split ``test`` = 100 samples).
 
-``datasets`` is imported inside the hub functions only, so this module imports with numpy + PIL alone.
+``datasets`` is imported inside the hub functions only, so this module imports without it.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from .preprocessing import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 ImageRef = Union[str, os.PathLike, Image.Image]
 
 MAX_VIEWS = 3
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 NEARID_REPO = "Aleksandar/NearID"
 MTG_REPO = "abdo-eldesokey/mtg-dataset"
 

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""File suffixes treated as images when a directory is given (first match wins when looking up a stem)."""
+
 # PIL resampling codes used in preprocessor_config.json -> torch interpolation modes.
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _RANGE_TOLERANCE = 1e-3

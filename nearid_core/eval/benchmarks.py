@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..preprocessing import IMAGE_SUFFIXES
 from ..data import MAX_VIEWS, MTGRecord, NearIDRecord, apply_mask, clean_mask, mask_array
 from .metrics import (
     BENCH_COLUMNS,
@@ -79,7 +80,6 @@ DREAMBENCH_RUN_PREFIXES: dict[str, str] = {
     "ip_adapter_vit_g_sdxl": "ip_adapter_vit_g_sdxl",
     "textual_inversion_sd": "textual_inversion_sd",
 }
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ====================================================================================================================
@@ -822,7 +822,7 @@ def _list_images(root: Path) -> dict[str, Path]:
     """Relative path without extension (``/``-separated) -> file, for every image under ``root``."""
     out: dict[str, Path] = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             rel = p.relative_to(root).with_suffix("").as_posix()
             if rel in out:
                 raise ValueError(f"{root}: two images share the name {rel!r} ({out[rel].name}, {p.name})")

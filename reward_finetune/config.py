@@ -1,0 +1,370 @@
+"""Command-line flags of `reward_finetune.train`, as a dataclass, and their cross-flag validation.
+
+The flag names follow diffusers' `train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py` (same spelling, same
+defaults where they exist); the reward flags are new and prefixed `--reward_`. `parse_args` validates every flag
+combination before anything is loaded (no model, no dataset, no accelerator), so a mistyped run fails in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("auto", "sd15", "sdxl")
+REWARD_MODES = ("none", "refl", "draft")
+REWARD_SCHEDULES = ("constant", "linear")
+REWARD_REDUCTIONS = ("mean", "min", "max", "centroid")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
+DEFAULT_NEARID_MODEL = "Aleksandar/nearid-siglip2"  # = nearid_core.DEFAULT_MODEL (not imported: keep this module light)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one LoRA reward fine-tuning run (one field per command-line flag, same name).
+
+    Build it with `parse_args(argv)` (which also validates) or directly and call `validate_config` yourself.
+    """
+
+    # model
+    pretrained_model_name_or_path: str = ""
+    revision: str | None = None
+    variant: str | None = None
+    model_type: str = "auto"
+    pretrained_vae_model_name_or_path: str | None = None
+    prediction_type: str | None = None
+    # data (DreamBooth)
+    instance_data_dir: str = ""
+    instance_prompt: str = ""
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    # LoRA + optimisation
+    rank: int = 4
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    output_dir: str = "nearid-lora"
+    seed: int | None = None
+    train_batch_size: int = 1
+    max_train_steps: int = 500
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = None
+    allow_tf32: bool = False
+    denoising_loss_weight: float = 1.0
+    # checkpoints
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    # validation
+    validation_prompt: str | None = None
+    num_validation_images: int = 4
+    validation_num_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    report_to: str = "tensorboard"
+    logging_dir: str = "logs"
+    # reward
+    nearid_model: str = DEFAULT_NEARID_MODEL
+    reward_mode: str = "none"
+    reward_weight: float = 0.1
+    reward_schedule: str = "constant"
+    reward_start_step: int = 0
+    reward_warmup_steps: int = 0
+    reward_every: int = 1
+    reward_reduce: str = "mean"
+    reward_prompt: list[str] = field(default_factory=list)
+    reward_batch_size: int = 1
+    reward_resolution: int | None = None
+    reward_num_inference_steps: int = 20
+    reward_guidance_scale: float = 7.5
+    refl_min_step: int | None = None
+    refl_max_step: int | None = None
+    draft_k: int = 1
+    # kohya export
+    kohya_lora_name: str = "pytorch_lora_weights_kohya.safetensors"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """LoRA alpha; defaults to the rank (scale 1), as in diffusers' scripts."""
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def refl_step_range(self) -> tuple[int, int]:
+        """[min, max) index into the reward sampler's timesteps where ReFL stops and predicts x0 in one step.
+
+        Default: the last quarter of the schedule (ImageReward's ReFL stops at step 30..39 of 40).
+        """
+        n = self.reward_num_inference_steps
+        lo = self.refl_min_step if self.refl_min_step is not None else (3 * n) // 4
+        hi = self.refl_max_step if self.refl_max_step is not None else n
+        return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser; every `dest` is a `TrainConfig` field."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m reward_finetune.train",
+        description="DreamBooth-style LoRA fine-tuning of SD1.5 / SDXL with NearID as a differentiable identity "
+                    "reward.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="hub id or local diffusers pipeline directory (SD1.x/SD2 or SDXL)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
+    g.add_argument("--model_type", choices=MODEL_TYPES, default=d.model_type,
+                   help="auto = read model_index.json (StableDiffusionXL* -> sdxl, else sd15)")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a better VAE (e.g. an fp16-safe SDXL VAE); default the pipeline's own")
+    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
+                   help="override the scheduler's prediction type")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", required=True, help="folder with the images of the subject")
+    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--class_data_dir", default=None, help="folder with (or for generated) class images")
+    g.add_argument("--class_prompt", default=None, help='e.g. "a photo of dog"')
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--prior_loss_weight", type=float, default=d.prior_loss_weight)
+    g.add_argument("--num_class_images", type=int, default=d.num_class_images,
+                   help="missing class images are generated with the base model")
+    g.add_argument("--sample_batch_size", type=int, default=d.sample_batch_size)
+    g.add_argument("--resolution", type=int, default=d.resolution)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: --rank, i.e. scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--output_dir", default=d.output_dir)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size)
+    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="activation checkpointing in the UNet, the VAE decoder (reward) and the NearID backbone")
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default=d.lr_scheduler,
+                   help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
+    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
+    g.add_argument("--adam_weight_decay", type=float, default=d.adam_weight_decay)
+    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default=None,
+                   help="default: accelerate's config (frozen weights are cast, LoRA stays fp32)")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--denoising_loss_weight", type=float, default=d.denoising_loss_weight,
+                   help="weight of the DreamBooth denoising loss; 0 = reward only")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps,
+                   help="save checkpoint-{step} (accelerate state + LoRA files) and run validation every N steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoint-* folders")
+    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-{step} folder, or "latest"')
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", default=None,
+                   help="prompt sampled at each checkpoint; the images are scored with NearID against the "
+                        "instance images")
+    g.add_argument("--num_validation_images", type=int, default=d.num_validation_images)
+    g.add_argument("--validation_num_inference_steps", type=int, default=d.validation_num_inference_steps)
+    g.add_argument("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
+    g.add_argument("--report_to", default=d.report_to, help="tensorboard, wandb, comet_ml, mlflow, all or none")
+    g.add_argument("--logging_dir", default=d.logging_dir)
+
+    g = p.add_argument_group("NearID identity reward")
+    g.add_argument("--nearid_model", default=d.nearid_model, help="NearID hub id or local checkpoint")
+    g.add_argument("--reward_mode", choices=REWARD_MODES, default=d.reward_mode,
+                   help="refl: sample without gradients to a random late step, predict x0 in one step; "
+                        "draft: backpropagate through the last --draft_k sampling steps; none: DreamBooth only")
+    g.add_argument("--reward_weight", type=float, default=d.reward_weight,
+                   help="weight of the identity loss (1 - cosine) against the denoising loss")
+    g.add_argument("--reward_schedule", choices=REWARD_SCHEDULES, default=d.reward_schedule,
+                   help="constant: full weight from --reward_start_step; linear: ramp over --reward_warmup_steps")
+    g.add_argument("--reward_start_step", type=int, default=d.reward_start_step)
+    g.add_argument("--reward_warmup_steps", type=int, default=d.reward_warmup_steps)
+    g.add_argument("--reward_every", type=int, default=d.reward_every, help="compute the reward every N steps")
+    g.add_argument("--reward_reduce", choices=REWARD_REDUCTIONS, default=d.reward_reduce,
+                   help="how the instance images (references) combine")
+    g.add_argument("--reward_prompt", action="append", default=None,
+                   help="prompt(s) sampled for the reward (repeat the flag); default --instance_prompt")
+    g.add_argument("--reward_batch_size", type=int, default=d.reward_batch_size)
+    g.add_argument("--reward_resolution", type=int, default=None, help="default --resolution")
+    g.add_argument("--reward_num_inference_steps", type=int, default=d.reward_num_inference_steps,
+                   help="DDIM steps of the reward sampler")
+    g.add_argument("--reward_guidance_scale", type=float, default=d.reward_guidance_scale)
+    g.add_argument("--refl_min_step", type=int, default=None,
+                   help="ReFL stops at a random sampler step in [min, max); default the last quarter")
+    g.add_argument("--refl_max_step", type=int, default=None)
+    g.add_argument("--draft_k", type=int, default=d.draft_k, help="DRaFT-K: sampling steps with gradients")
+    g.add_argument("--kohya_lora_name", default=d.kohya_lora_name,
+                   help="file name of the kohya-key export (ComfyUI LoraLoader)")
+    return p
+
+
+def parse_args(input_args: Sequence[str] | None = None) -> TrainConfig:
+    """Parse and validate command-line flags (`input_args=None` reads `sys.argv`).
+
+    Raises:
+        ValueError: a flag value or a combination of flags is invalid; the message names the flags.
+    """
+    namespace = build_parser().parse_args(input_args)
+    values = vars(namespace)
+    values["reward_prompt"] = values["reward_prompt"] or []
+    config = TrainConfig(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check flag values and combinations without loading anything; warn about ignored flags.
+
+    Raises:
+        ValueError: naming the offending flag(s).
+    """
+    _check_choices(config)
+    _check_positive(config)
+    _check_paths(config)
+    _check_prior_preservation(config)
+    _check_reward(config)
+    _check_report_to(config)
+
+
+def _check_choices(c: TrainConfig) -> None:
+    for name, allowed in [("model_type", MODEL_TYPES), ("reward_mode", REWARD_MODES),
+                          ("reward_schedule", REWARD_SCHEDULES), ("reward_reduce", REWARD_REDUCTIONS)]:
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(c, name)!r}.")
+    if c.mixed_precision not in (None, *MIXED_PRECISIONS):
+        raise ValueError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got {c.mixed_precision!r}.")
+    if c.prediction_type not in (None, *PREDICTION_TYPES):
+        raise ValueError(f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {c.prediction_type!r}.")
+
+
+def _check_positive(c: TrainConfig) -> None:
+    for name in ("rank", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_validation_images", "validation_num_inference_steps", "reward_every", "reward_batch_size",
+                 "reward_num_inference_steps", "sample_batch_size"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(c, name)}.")
+    if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be >= 1 (or left unset); got {c.checkpoints_total_limit}.")
+    for name in ("resolution", "reward_resolution"):
+        value = getattr(c, name)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8; got {value}.")
+    for name in ("learning_rate", "denoising_loss_weight", "prior_loss_weight", "lr_warmup_steps",
+                 "reward_start_step", "reward_warmup_steps", "lora_dropout"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name} must be >= 0; got {getattr(c, name)}.")
+    if c.lora_alpha is not None and c.lora_alpha <= 0:
+        raise ValueError(f"--lora_alpha must be > 0; got {c.lora_alpha}.")
+
+
+def _check_paths(c: TrainConfig) -> None:
+    if not c.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required (a hub id or a diffusers pipeline directory).")
+    if not c.instance_prompt:
+        raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog').")
+    if not c.instance_data_dir or not Path(c.instance_data_dir).is_dir():
+        raise ValueError(f"--instance_data_dir {c.instance_data_dir!r} is not a directory of subject images.")
+    resume = c.resume_from_checkpoint
+    if resume is not None and resume != "latest":
+        if not (Path(resume).is_dir() or (Path(c.output_dir) / os.path.basename(resume)).is_dir()):
+            raise ValueError(
+                f"--resume_from_checkpoint {resume!r}: no such checkpoint folder (looked at {resume} and "
+                f"{Path(c.output_dir) / os.path.basename(resume)}); pass a checkpoint-{{step}} folder or 'latest'."
+            )
+
+
+def _check_prior_preservation(c: TrainConfig) -> None:
+    if c.with_prior_preservation:
+        missing = [flag for flag, value in (("--class_data_dir", c.class_data_dir), ("--class_prompt", c.class_prompt))
+                   if not value]
+        if missing:
+            raise ValueError(f"--with_prior_preservation needs {' and '.join(missing)}.")
+    else:
+        for flag, value in (("--class_data_dir", c.class_data_dir), ("--class_prompt", c.class_prompt)):
+            if value:
+                logger.warning("%s is ignored without --with_prior_preservation.", flag)
+
+
+def _check_reward(c: TrainConfig) -> None:
+    if c.reward_weight < 0:
+        raise ValueError(f"--reward_weight must be >= 0 (it weighs a loss to minimise); got {c.reward_weight}.")
+    if c.reward_mode == "none":
+        if c.denoising_loss_weight == 0:
+            raise ValueError("--denoising_loss_weight 0 with --reward_mode none leaves nothing to train; "
+                             "pick --reward_mode refl or draft, or a positive --denoising_loss_weight.")
+        return
+    if c.reward_weight == 0:
+        logger.warning("--reward_weight 0: the reward is never computed; --reward_mode %s has no effect.",
+                       c.reward_mode)
+    n = c.reward_num_inference_steps
+    if c.reward_mode == "draft":
+        if c.draft_k < 1 or c.draft_k > n:
+            raise ValueError(
+                f"--draft_k must be in [1, --reward_num_inference_steps={n}] (DRaFT-K backpropagates through the last "
+                f"K of the sampling steps); got {c.draft_k}."
+            )
+        if c.refl_min_step is not None or c.refl_max_step is not None:
+            logger.warning("--refl_min_step/--refl_max_step are ignored with --reward_mode draft.")
+    if c.reward_mode == "refl":
+        lo, hi = c.refl_step_range
+        if not 0 <= lo < hi <= n:
+            raise ValueError(
+                f"--refl_min_step/--refl_max_step must satisfy 0 <= min < max <= --reward_num_inference_steps={n}; "
+                f"got [{lo}, {hi})."
+            )
+    if c.reward_schedule == "linear" and c.reward_warmup_steps == 0:
+        logger.warning("--reward_schedule linear with --reward_warmup_steps 0 is the constant schedule.")
+
+
+def _check_report_to(c: TrainConfig) -> None:
+    wanted = [t.strip() for t in c.report_to.split(",") if t.strip()]
+    if wanted in ([], ["none"]) or wanted == ["all"]:
+        return
+    for tracker in wanted:
+        if tracker not in TRACKERS:
+            raise ValueError(f"--report_to {tracker!r} is not supported; use {', '.join(TRACKERS)}, all or none.")
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise ValueError(
+                f"--report_to {tracker} needs the {TRACKERS[tracker]} package: `pip install {TRACKERS[tracker]}`, "
+                "or pass --report_to none (the identity CSV and plot are written either way)."
+            )
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """A JSON/tracker-friendly copy (lists joined), for `accelerator.init_trackers` and the run's config file."""
+    out = dataclasses.asdict(config)
+    out["reward_prompt"] = " | ".join(config.reward_prompt)
+    return out

@@ -1,0 +1,573 @@
+"""Tests for reward_finetune: flag validation, NearIDReward, ReFL / DRaFT-K samplers, checkpoint helpers, the identity
+log, the kohya export, and end-to-end runs of the trainer on a tiny SD1.5 / SDXL pipeline built from configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from nearid_core import DEFAULT_MODEL, NearIDScorer  # noqa: E402
+from nearid_core.losses import identity_loss  # noqa: E402
+from reward_finetune import NearIDReward  # noqa: E402
+from reward_finetune import export, train  # noqa: E402
+from reward_finetune.config import TrainConfig, parse_args  # noqa: E402
+
+PROMPT = "a photo of sks dog"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny models and data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are ~50x slower with 2 threads on a busy 2-core machine (spin-waiting); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer from a generated vocab (no merges)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+
+
+def tiny_text_config(**kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                          **kwargs)
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                         latent_channels=4, sample_size=32)
+
+
+def tiny_unet(sdxl: bool = False) -> UNet2DConditionModel:
+    common = dict(sample_size=16, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8)
+    if not sdxl:
+        return UNet2DConditionModel(**common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=4)
+    return UNet2DConditionModel(**common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80)  # 32 pooled + 6 * 8 time ids
+
+
+def tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         steps_offset=1)
+
+
+def save_tiny_pipeline(directory: Path, sdxl: bool) -> Path:
+    """A diffusers pipeline directory (model_index.json + subfolders) with random tiny weights."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(directory / "_vocab")
+    te = CLIPTextModel(tiny_text_config())
+    if sdxl:
+        te2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=32))
+        pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=tiny_unet(sdxl=True), scheduler=tiny_scheduler())
+    else:
+        pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=te, tokenizer=tokenizer, unet=tiny_unet(),
+                                       scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory) -> Path:
+    """Three smooth 'subject' images of different widths."""
+    d = tmp_path_factory.mktemp("instance")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        yy, xx = np.mgrid[0:40, 0:40 + 8 * i] / 6.0
+        base = np.stack([np.sin(xx + c) * np.cos(yy * (1 + c / 3)) for c in range(3)], -1)
+        arr = ((base * 0.4 + 0.5 + rng.normal(0, 0.05, base.shape)).clip(0, 1) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(d / f"img{i}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def scorer(release_dir) -> NearIDScorer:
+    return NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
+
+
+def base_args(model_dir: Path, instance_dir: Path, release_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--output_dir", str(output_dir), "--nearid_model", str(release_dir),
+            "--resolution", "32", "--report_to", "none", "--seed", "0", "--reward_num_inference_steps", "3",
+            "--reward_guidance_scale", "1", "--validation_num_inference_steps", "2", "--validation_guidance_scale",
+            "1", "--num_validation_images", "2", *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_parse_args_uses_diffusers_flag_names(tmp_path):
+    cfg = parse_args(["--pretrained_model_name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                      "--instance_data_dir", str(tmp_path), "--instance_prompt", PROMPT, "--rank", "8",
+                      "--learning_rate", "5e-5", "--max_train_steps", "10", "--checkpointing_steps", "5",
+                      "--resume_from_checkpoint", "latest", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                      "--report_to", "none", "--reward_mode", "draft", "--draft_k", "2",
+                      "--reward_prompt", "sks dog", "--reward_prompt", "sks dog on a beach"])
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.rank, cfg.learning_rate, cfg.max_train_steps, cfg.checkpointing_steps) == (8, 5e-5, 10, 5)
+    assert cfg.resume_from_checkpoint == "latest" and cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing
+    assert cfg.reward_prompt == ["sks dog", "sks dog on a beach"]
+    assert cfg.effective_lora_alpha == 8.0 and cfg.refl_step_range == (15, 20)
+    assert TrainConfig().nearid_model == DEFAULT_MODEL  # config.py keeps a copy to stay import-light
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (["--with_prior_preservation", "--class_data_dir", "x"], ["--with_prior_preservation", "--class_prompt"]),
+    (["--with_prior_preservation", "--class_prompt", "dog"], ["--with_prior_preservation", "--class_data_dir"]),
+    (["--reward_mode", "draft", "--draft_k", "21"], ["--draft_k", "--reward_num_inference_steps"]),
+    (["--reward_mode", "refl", "--refl_min_step", "5", "--refl_max_step", "5"], ["--refl_min_step", "--refl_max_step"]),
+    (["--reward_mode", "refl", "--refl_max_step", "30"], ["--refl_max_step", "--reward_num_inference_steps"]),
+    (["--reward_weight", "-0.5"], ["--reward_weight"]),
+    (["--denoising_loss_weight", "0"], ["--denoising_loss_weight", "--reward_mode"]),
+    (["--resolution", "100"], ["--resolution"]),
+    (["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit"]),
+    (["--resume_from_checkpoint", "checkpoint-7"], ["--resume_from_checkpoint"]),
+])
+def test_flag_combinations_are_validated_before_loading(tmp_path, extra, flags):
+    # the model id does not exist: the error must come from validation, before anything is loaded
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "no-such-model"), "--instance_data_dir", str(tmp_path),
+            "--instance_prompt", PROMPT, "--report_to", "none", "--output_dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(ValueError) as err:
+        train.main(args)
+    for flag in flags:
+        assert flag in str(err.value)
+
+
+def test_missing_instance_dir_and_tracker_are_reported(tmp_path):
+    with pytest.raises(ValueError, match="--instance_data_dir"):
+        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path / "nope"),
+                    "--instance_prompt", PROMPT, "--report_to", "none"])
+    with pytest.raises(ValueError, match="--report_to"):
+        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path),
+                    "--instance_prompt", PROMPT, "--report_to", "visdom"])
+
+
+def test_package_import_is_light():
+    code = ("import sys, reward_finetune; heavy = [m for m in ('diffusers', 'peft', 'torch') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NearIDReward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_equals_one_minus_scorer_score(scorer, rgb_images):
+    reward = NearIDReward(scorer, rgb_images[:2])
+    images = torch.rand(3, 3, 48, 64, generator=torch.Generator().manual_seed(0))  # any size
+    loss_01 = reward(images, input_range="0,1")
+    loss_11 = reward(images * 2 - 1, input_range="-1,1")
+    score = scorer.score(rgb_images[:2], images)
+    assert loss_01.shape == (3,) and loss_01.dtype == torch.float32
+    torch.testing.assert_close(loss_01, 1 - score, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_11, loss_01, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reward.similarity(images, "0,1"), score, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "min", "max", "centroid"])
+def test_reward_reductions_reuse_identity_loss(scorer, rgb_images, reduce):
+    reward = NearIDReward(scorer, rgb_images, reduce=reduce)
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    expected = identity_loss(scorer.embed(images), scorer.embed(rgb_images), reduce=reduce)
+    torch.testing.assert_close(reward(images, "0,1"), expected, atol=1e-5, rtol=0)
+
+
+def test_reward_embeds_references_once_and_keeps_the_graph(scorer, rgb_images, monkeypatch):
+    calls = []
+    real_embed = scorer.embed
+    monkeypatch.setattr(scorer, "embed", lambda *a, **k: calls.append(1) or real_embed(*a, **k))
+    reward = NearIDReward(scorer, rgb_images)
+    assert len(calls) == 1 and not reward.reference_embeddings.requires_grad
+    images = (torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1).requires_grad_()
+    reward(images).sum().backward()
+    reward(images.detach())
+    assert len(calls) == 1
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scorer.model.parameters())
+
+
+def test_reward_gradient_checkpointing_recomputes_and_matches(release_dir, rgb_images):
+    plain = NearIDReward(NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32), rgb_images)
+    ckpt = NearIDReward(NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32), rgb_images,
+                        gradient_checkpointing=True)
+    layer = ckpt.scorer.model._tower.encoder.layers[0].layer_norm1  # first op of a checkpointed layer
+    forwards = []
+    layer.register_forward_hook(lambda *_: forwards.append(1))
+    grads, losses = [], []
+    for reward in (plain, ckpt):
+        images = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1).requires_grad_()
+        loss = reward(images)
+        loss.sum().backward()
+        grads.append(images.grad)
+        losses.append(loss.detach())
+    assert len(forwards) == 2  # forward + recomputation in backward
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_reward_bf16_scorer_gives_float32_gradients(release_dir, rgb_images):
+    reward = NearIDReward(release_dir, rgb_images[:1], device="cpu", dtype=torch.bfloat16, gradient_checkpointing=True)
+    images = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1).requires_grad_()
+    loss = reward(images)
+    loss.mean().backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    assert images.grad.dtype == torch.float32 and images.grad.abs().sum() > 0
+
+
+def test_reward_rejects_bad_inputs(scorer, rgb_images):
+    with pytest.raises(ValueError, match="reduce"):
+        NearIDReward(scorer, rgb_images, reduce="median")
+    reward = NearIDReward(scorer, scorer.embed(rgb_images))  # precomputed [R, D] references
+    with pytest.raises(ValueError, match="input_range"):
+        reward(torch.zeros(1, 3, 8, 8), input_range="0,255")
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        reward(torch.zeros(3, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward samplers and schedule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RecordingDenoiser(torch.nn.Module):
+    """A toy epsilon model with one weight; records whether each call had gradients enabled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls: list[bool] = []
+
+    def forward(self, latents, t):
+        self.calls.append(torch.is_grad_enabled())
+        return self.scale * latents
+
+
+def ddim(steps: int, prediction_type: str = "epsilon") -> DDIMScheduler:
+    scheduler = DDIMScheduler.from_config(tiny_scheduler().config, prediction_type=prediction_type)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def test_refl_sample_has_exactly_one_gradient_step():
+    denoise, scheduler = RecordingDenoiser(), ddim(6)
+    x0 = train.refl_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), stop_index=4)
+    assert denoise.calls == [False] * 4 + [True]
+    x0.sum().backward()
+    assert denoise.scale.grad is not None and denoise.scale.grad != 0
+    with pytest.raises(ValueError, match="stop_index"):
+        train.refl_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), stop_index=6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_sample_backpropagates_through_last_k_steps(k):
+    denoise, scheduler = RecordingDenoiser(), ddim(5)
+    latents = train.draft_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), k=k)
+    assert denoise.calls == [False] * (5 - k) + [True] * k
+    latents.sum().backward()
+    assert denoise.scale.grad != 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predict_x0_matches_ddim(prediction_type):
+    scheduler = ddim(10, prediction_type)
+    g = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    t = scheduler.timesteps[3]
+    expected = scheduler.step(output, t, sample).pred_original_sample
+    torch.testing.assert_close(train.predict_x0(scheduler, sample, output, t), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_weight_schedule():
+    constant = TrainConfig(reward_mode="refl", reward_weight=0.4, reward_start_step=2, reward_every=2)
+    assert [train.reward_weight_at(s, constant) for s in range(7)] == [0, 0, 0.4, 0, 0.4, 0, 0.4]
+    linear = TrainConfig(reward_mode="draft", reward_weight=1.0, reward_schedule="linear", reward_start_step=1,
+                         reward_warmup_steps=4)
+    assert [train.reward_weight_at(s, linear) for s in range(7)] == [0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert train.reward_weight_at(5, TrainConfig(reward_mode="none", reward_weight=1.0)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint helpers and identity log
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_listing_pruning_and_resume_resolution(tmp_path):
+    for step in (10, 2, 30, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()  # not a step folder: ignored
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-20",
+                                                                  "checkpoint-30"]
+    assert train.resolve_resume_checkpoint(tmp_path, "latest").name == "checkpoint-30"
+    assert train.resolve_resume_checkpoint(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
+    assert train.resolve_resume_checkpoint(tmp_path / "empty", "latest") is None
+    # before saving a 5th checkpoint with a limit of 3: keep 2, never the protected best one
+    removed = train.prune_checkpoints(tmp_path, total_limit=3, protect=["checkpoint-2"])
+    assert [p.name for p in removed] == ["checkpoint-10", "checkpoint-20"]
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-30"]
+    assert [p.name for p in train.prune_checkpoints(tmp_path, total_limit=1)] == ["checkpoint-2", "checkpoint-30"]
+    assert train.prune_checkpoints(tmp_path, total_limit=None) == []
+
+
+def test_identity_log_csv_best_and_plot(tmp_path):
+    log = train.IdentityLog(tmp_path)
+    log.append(0, "base", torch.tensor([0.9, 0.95]))  # the base model is plotted, never "best"
+    log.append(5, "checkpoint-5", torch.tensor([0.5, 0.7]))
+    log.append(10, "checkpoint-10", torch.tensor([0.8, 0.6]))
+    log.append(15, "final", torch.tensor([0.2, 0.4]))
+    best = json.loads((tmp_path / "best_checkpoint.json").read_text())
+    assert best["checkpoint"] == "checkpoint-10"
+    assert best["lora_weights"] == "checkpoint-10/pytorch_lora_weights.safetensors"
+    assert best["identity_mean"] == pytest.approx(0.7)
+    assert (tmp_path / "identity_curve.png").stat().st_size > 0
+    reloaded = train.IdentityLog(tmp_path)
+    assert [r["step"] for r in reloaded.rows] == [0, 5, 10, 15]
+    reloaded.truncate_after(5)
+    assert json.loads((tmp_path / "best_checkpoint.json").read_text())["checkpoint"] == "checkpoint-5"
+    assert (tmp_path / "identity.csv").read_text().count("\n") == 3  # header + 2 rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kohya export
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lora_unet(alpha: float | None = None, seed: int = 0) -> UNet2DConditionModel:
+    """A tiny UNet with the trainer's LoRA adapter and non-zero lora_B (so the LoRA changes the output)."""
+    torch.manual_seed(seed)
+    unet = tiny_unet()
+    train.add_lora(unet, TrainConfig(rank=4, lora_alpha=alpha))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return unet.eval()
+
+
+def comfyui_accepted_prefixes(unet: torch.nn.Module) -> set[str]:
+    """What ComfyUI's `model_lora_keys_unet` accepts for a diffusers UNet: `lora_unet_<param path minus .weight>`
+    with dots as underscores, for every weight of the base model (PEFT wrapper names removed)."""
+    names = {n.replace(".base_layer", "") for n, _ in unet.named_parameters() if ".lora_" not in n}
+    return {"lora_unet_" + n[: -len(".weight")].replace(".", "_") for n in names if n.endswith(".weight")}
+
+
+def test_kohya_keys_are_the_ones_comfyui_expects():
+    unet = lora_unet(alpha=8)
+    kohya = export.to_kohya(train.unet_lora_state_dict(unet), alpha=8)
+    lora_modules = {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}
+    expected = {"lora_unet_" + n.replace(".", "_") for n in lora_modules}
+    prefixes = {k.partition(".")[0] for k in kohya}
+    assert prefixes == expected and prefixes <= comfyui_accepted_prefixes(unet)
+    assert len(kohya) == 3 * len(lora_modules)
+    assert {k.partition(".")[2] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    module = dict(unet.named_modules())[name]
+    assert kohya[f"{prefix}.lora_down.weight"].shape == (4, module.in_features)
+    assert kohya[f"{prefix}.lora_up.weight"].shape == (module.out_features, 4)
+    assert float(kohya[f"{prefix}.alpha"]) == 8.0
+
+
+def test_kohya_round_trip_to_diffusers_module_names():
+    unet = lora_unet()
+    diffusers_keys = {f"unet.{k}": v for k, v in train.unet_lora_state_dict(unet).items()}  # as in the saved file
+    tensors, alphas = export.from_kohya(export.to_kohya(diffusers_keys), unet)
+    peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in diffusers_keys.items()}
+    assert tensors.keys() == peft.keys()
+    assert all(torch.equal(tensors[k], peft[k]) for k in peft)
+    assert set(alphas.values()) == {4.0}
+    with pytest.raises(KeyError, match="match no UNet module"):
+        export.from_kohya({"lora_unet_no_such_module.alpha": torch.tensor(1.0)}, unet)
+
+
+@pytest.mark.parametrize("alpha", [None, 8.0])
+def test_merging_kohya_like_comfyui_equals_the_peft_forward(alpha):
+    peft_unet = lora_unet(alpha=alpha)
+    torch.manual_seed(0)
+    plain = tiny_unet().eval()
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        base = plain(x, 10, encoder_hidden_states=cond).sample
+        expected = peft_unet(x, 10, encoder_hidden_states=cond).sample
+        kohya = export.to_kohya(train.unet_lora_state_dict(peft_unet), alpha=alpha)
+        assert export.merge_kohya_lora(plain, kohya) == []  # no "lora key not loaded"
+        merged = plain(x, 10, encoder_hidden_states=cond).sample
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_to_kohya_rejects_incomplete_or_foreign_keys():
+    with pytest.raises(ValueError, match="needs both"):
+        export.to_kohya({"unet.mid_block.attn1.to_q.lora_A.weight": torch.zeros(4, 8)})
+    with pytest.raises(ValueError, match="text-encoder"):
+        export.to_kohya({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)})
+    with pytest.raises(ValueError, match="not a LoRA"):
+        export.to_kohya({"unet.mid_block.attn1.to_q.weight": torch.zeros(8, 8)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "pytorch_lora_weights.safetensors"))
+
+
+def generate(pipe, seed: int = 0) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory, sd_dir, instance_dir, release_dir):
+    """Two steps of denoising + ReFL reward with checkpoints and validation, then a resume to step 3."""
+    out = tmp_path_factory.mktemp("sd_run")
+    args = base_args(sd_dir, instance_dir, release_dir, out, "--reward_mode", "refl", "--reward_weight", "0.5",
+                     "--learning_rate", "1e-2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+                     "--validation_prompt", PROMPT)
+    first = train.main([*args, "--max_train_steps", "2"])
+    snapshot = lora_tensors(out)
+    resumed = train.main([*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    return out, args, first, snapshot, resumed
+
+
+def test_train_writes_checkpoints_curve_and_both_lora_files(sd_run):
+    out, _, first, snapshot, resumed = sd_run
+    assert first.global_step == 2 and resumed.global_step == 3
+    rows = resumed.identity_log.rows
+    best_before_3 = max(rows[1:3], key=lambda r: r["identity_mean"])["checkpoint"]
+    # --checkpoints_total_limit 2 pruned the oldest checkpoint that was not the best one
+    assert [p.name for p in train.list_checkpoints(out)] == sorted({best_before_3, "checkpoint-3"})
+    for folder in [out, *train.list_checkpoints(out)]:
+        assert (folder / "pytorch_lora_weights.safetensors").exists()
+        assert (folder / "pytorch_lora_weights_kohya.safetensors").exists()
+        assert not (folder / "model.safetensors").exists()  # the frozen UNet is never saved
+    assert [(r["step"], r["checkpoint"]) for r in rows] == [(0, "base"), (1, "checkpoint-1"), (2, "checkpoint-2"),
+                                                           (3, "checkpoint-3")]
+    assert all(-1 <= r["identity_mean"] <= 1 for r in rows)
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    assert best["checkpoint"] == max(rows[1:], key=lambda r: r["identity_mean"])["checkpoint"]
+    assert (out / "identity_curve.png").exists() and (out / "README.md").exists()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [f"step-{s:06d}" for s in range(4)]
+    with safe_open(str(out / "pytorch_lora_weights_kohya.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "4"
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight"
+    assert not torch.equal(snapshot[key], lora_tensors(out)[key])  # the resumed step trained on
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(sd_run, tmp_path):
+    out, args, *_ = sd_run
+    straight = tmp_path / "straight"
+    args = [a if a != str(out) else str(straight) for a in args]
+    train.main([*args, "--max_train_steps", "3", "--validation_prompt", PROMPT])
+    resumed, uninterrupted = lora_tensors(out), lora_tensors(straight)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-5)
+
+
+def test_both_lora_files_load_back_and_change_the_output(sd_run, sd_dir):
+    out = sd_run[0]
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    base = generate(pipe)
+    pipe.load_lora_weights(str(out))  # diffusers keys
+    with_lora = generate(pipe)
+    assert (with_lora - base).abs().max() > 1e-3
+
+    kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
+    fresh = StableDiffusionPipeline.from_pretrained(sd_dir)
+    tensors, alphas = export.from_kohya(kohya, fresh.unet)  # kohya names -> the diffusers modules they came from
+    assert {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") for k in tensors} == \
+        set(lora_tensors(out))
+    assert export.merge_kohya_lora(fresh.unet, kohya) == []  # applied the way ComfyUI patches weights
+    torch.testing.assert_close(generate(fresh), with_lora, atol=1e-4, rtol=0)
+
+    via_diffusers = StableDiffusionPipeline.from_pretrained(sd_dir)
+    via_diffusers.load_lora_weights(str(out), weight_name="pytorch_lora_weights_kohya.safetensors")
+    torch.testing.assert_close(generate(via_diffusers), with_lora, atol=1e-4, rtol=0)
+
+
+def test_reward_only_training_improves_identity_on_a_fixed_seed(tmp_path, sd_dir, instance_dir, release_dir):
+    run = train.main(base_args(sd_dir, instance_dir, release_dir, tmp_path, "--reward_mode", "draft", "--draft_k", "2",
+                               "--reward_weight", "1", "--denoising_loss_weight", "0", "--learning_rate", "1e-2",
+                               "--reward_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "4",
+                               "--validation_prompt", PROMPT, "--validation_num_inference_steps", "3"))
+    curve = [r["identity_mean"] for r in run.identity_log.rows]
+    assert len(curve) == 2 and curve[1] > curve[0] + 5e-3, curve
+
+
+def test_sdxl_with_prior_preservation_and_draft_reward(tmp_path, sdxl_dir, instance_dir, release_dir):
+    class_dir = tmp_path / "class"
+    run = train.main(base_args(sdxl_dir, instance_dir, release_dir, tmp_path / "out", "--with_prior_preservation",
+                               "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
+                               "--num_class_images", "2", "--reward_mode", "draft", "--draft_k", "1",
+                               "--gradient_checkpointing", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    assert run.models.model_type == "sdxl" and run.global_step == 2
+    assert len(list(class_dir.glob("*.png"))) == 2
+    assert {"denoising_loss", "prior_loss", "reward_loss"} <= run.logs.keys()
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    base = generate(pipe)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert (generate(pipe) - base).abs().max() > 0
+    kohya = load_file(str(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors"))
+    assert {k.partition(".")[0] for k in kohya} <= comfyui_accepted_prefixes(pipe.unet)
