@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _random_weights import randomise  # benchmarks/ is on sys.path when a script here runs
 from PIL import Image
 
 from nearid_core import NearIDConfig, NearIDModel, PreprocessConfig
@@ -41,16 +42,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def random_so400m(dtype: torch.dtype) -> NearIDModel:
     """The real so400m NearID architecture with random weights (normal 0.02, unit LayerNorms), fast init."""
     with no_init_weights():
-        model = NearIDModel(NearIDConfig())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=gen)
+        model = randomise(NearIDModel(NearIDConfig()))
     model = model.to(dtype)
     model.freeze_backbone()
     model.head.float()
