@@ -436,11 +436,14 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
             yield self[k]
 
 
-def _load_dataset(repo: str, split: str, cache_dir: str | None) -> Any:
+def load_hub_dataset(repo: str, split: str, cache_dir: str | None) -> Any:
+    """`datasets.load_dataset(repo, split=split)`, importing `datasets` only when a hub dataset is asked for."""
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Loading hub datasets needs `datasets`: pip install 'nearid-toolkit[eval]'") from err
+        raise ImportError(
+            "Loading hub datasets needs `datasets`: pip install 'nearid-toolkit[eval]' (or '[train]' for training)"
+        ) from err
     logger.info("Loading dataset %s (split %s)", repo, split)
     return datasets.load_dataset(repo, split=split, cache_dir=cache_dir)
 
@@ -469,7 +472,7 @@ def load_hf_nearid(
     Raises:
         DatasetLayoutError: no way to select ``split`` (no ``indices`` and no ``split`` column), misaligned datasets.
     """
-    positives = _load_dataset(repo, hf_split, cache_dir)
+    positives = load_hub_dataset(repo, hf_split, cache_dir)
     if indices is not None:
         rows = load_split_indices(indices) if isinstance(indices, (str, os.PathLike)) else list(indices)
     elif split is None or split == "all":
@@ -487,7 +490,7 @@ def load_hf_nearid(
     negatives = {}
     for name in sources:
         tag, dataset_id = hf_source_repo(name)
-        negatives[tag] = _load_dataset(dataset_id, hf_split, cache_dir)
+        negatives[tag] = load_hub_dataset(dataset_id, hf_split, cache_dir)
     return HFNearIDRecords(positives, negatives, rows, with_masks=with_masks)
 
 
@@ -526,7 +529,7 @@ class HFMTGRecords(Sequence[MTGRecord]):
 
 def load_hf_mtg(split: str = "test", repo: str = MTG_REPO, cache_dir: str | None = None) -> HFMTGRecords:
     """MTG records from the hub dataset (default the 100-sample ``test`` split)."""
-    return HFMTGRecords(_load_dataset(repo, split, cache_dir))
+    return HFMTGRecords(load_hub_dataset(repo, split, cache_dir))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .data import (
     MTGRecord,
     NearIDRecord,
     hf_source_repo,
+    load_hub_dataset,
     load_split_indices,
 )
 from .feature_cache import FeatureCache, HubImage, open_ref
@@ -668,15 +669,6 @@ class HubMTGRecords(Sequence[MTGRecord]):
                          (c("image_1_inpainted", k), c("image_2_inpainted", k)))
 
 
-def _load_hub(repo: str, split: str, cache_dir: str | None) -> Any:
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Training on hub datasets needs `datasets`: pip install 'nearid-toolkit[train]'") from err
-    logger.info("Loading dataset %s (split %s)", repo, split)
-    return datasets.load_dataset(repo, split=split, cache_dir=cache_dir)
-
-
 def load_hub_nearid_training(
     sources: Sequence[str],
     indices: str | os.PathLike | Sequence[int] | None,
@@ -692,15 +684,15 @@ def load_hub_nearid_training(
             = every row (only sensible when no evaluation split is carved out of the same rows).
         repo, hf_split, cache_dir: where the positives live.
     """
-    positives = _load_hub(repo, hf_split, cache_dir)
+    positives = load_hub_dataset(repo, hf_split, cache_dir)
     rows = load_split_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
     negatives = {}
     for name in sources:
         tag, dataset_id = hf_source_repo(name)
-        negatives[tag] = _load_hub(dataset_id, hf_split, cache_dir)
+        negatives[tag] = load_hub_dataset(dataset_id, hf_split, cache_dir)
     return HubNearIDRecords(positives, negatives, rows)
 
 
 def load_hub_mtg_training(split: str = "train", repo: str = MTG_REPO, cache_dir: str | None = None) -> HubMTGRecords:
     """MTG training records from the hub (split ``train``; ``test`` is the 100-sample benchmark)."""
-    return HubMTGRecords(_load_hub(repo, split, cache_dir))
+    return HubMTGRecords(load_hub_dataset(repo, split, cache_dir))

@@ -472,8 +472,8 @@ def hub(monkeypatch, dataset):
     import nearid_core.data
     import nearid_core.train_data
 
-    monkeypatch.setattr(nearid_core.train_data, "_load_hub", fake_load)
-    monkeypatch.setattr(nearid_core.data, "_load_dataset", fake_load)
+    monkeypatch.setattr(nearid_core.train_data, "load_hub_dataset", fake_load)
+    monkeypatch.setattr(nearid_core.data, "load_hub_dataset", fake_load)
     return records, tables, loaded
 
 
