@@ -136,8 +136,11 @@ class NearIDScorer:
 
     def pixel_values(self, images: Images) -> torch.Tensor:
         """Model input [N, 3, h, w] on the scorer's device and dtype (differentiable w.r.t. float tensor inputs)."""
-        pixels = preprocess_images([im.to(self.device) for im in iter_images(images)], self.preprocess_config)
-        return pixels.to(self.dtype)
+        return self._model_input(list(iter_images(images)))
+
+    def _model_input(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """[3, H, W] images in 0..1 (as `iter_images` yields them) -> preprocessed [N, 3, h, w] in the model dtype."""
+        return preprocess_images([im.to(self.device) for im in batch], self.preprocess_config).to(self.dtype)
 
     def embed(self, images: Images, batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
         """Images -> L2-normalised embeddings [N, D] (float32, on the scorer's device).
@@ -147,8 +150,7 @@ class NearIDScorer:
         """
         out = []
         for batch in self._batches(images, batch_size, progress, "embed"):
-            pixels = preprocess_images([im.to(self.device) for im in batch], self.preprocess_config).to(self.dtype)
-            out.append(self.model.get_image_features(pixels, normalize=False).float())
+            out.append(self.model.get_image_features(self._model_input(batch), normalize=False).float())
         if not out:
             return torch.empty(0, self.embed_dim, device=self.device)
         return F.normalize(torch.cat(out), dim=-1)
@@ -227,8 +229,7 @@ class NearIDScorer:
         maps = []
         with torch.no_grad():
             for batch in self._batches(images, 16, None, "attention"):
-                pixels = preprocess_images([im.to(self.device) for im in batch], self.preprocess_config)
-                tokens = self.model.encode_tokens(pixels.to(self.dtype))
+                tokens = self.model.encode_tokens(self._model_input(batch))
                 _, attn = self.model.pool(tokens, output_attentions=True)
                 grids = attn.float().reshape(-1, 1, grid_h, grid_w).cpu()
                 for image, grid in zip(batch, grids):
