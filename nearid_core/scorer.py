@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .modeling_nearid import NearIDModel
-from .preprocessing import Images, PreprocessConfig, iter_images, preprocess_images
+from .preprocessing import Images, PreprocessConfig, iter_images, preprocess, preprocess_images
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
 REDUCTIONS = ("mean", "min", "max", "centroid")
+READOUTS = ("map", "mean")  # the NearID MAP head, or the mean of the trunk's patch tokens (the siglip2-mean baseline)
+INPUT_RANGES = ("0,1", "-1,1")
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -142,33 +144,82 @@ class NearIDScorer:
         """[3, H, W] images in 0..1 (as `iter_images` yields them) -> preprocessed [N, 3, h, w] in the model dtype."""
         return preprocess_images([im.to(self.device) for im in batch], self.preprocess_config).to(self.dtype)
 
-    def embed(self, images: Images, batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
+    def _features(self, pixel_values: torch.Tensor, readout: str) -> torch.Tensor:
+        """Model input -> raw (unnormalised) float32 features [N, D] of the chosen readout."""
+        if readout == "map":
+            return self.model.get_image_features(pixel_values, normalize=False).float()
+        return self.model.encode_tokens(pixel_values).float().mean(dim=1)
+
+    @staticmethod
+    def _check_readout(readout: str) -> None:
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}; got {readout!r}.")
+
+    def embed(self, images: Images, batch_size: int = 16, progress: bool | None = None,
+              readout: str = "map") -> torch.Tensor:
         """Images -> L2-normalised embeddings [N, D] (float32, on the scorer's device).
 
         Gradients flow to float tensor inputs that require grad (the weights are frozen); wrap the call in
         `torch.no_grad()` / `torch.inference_mode()` when you do not need them. Batch results equal one-by-one results.
+
+        Args:
+            readout: "map" = the NearID embedding (the MAP head); "mean" = the mean of the trunk's patch tokens
+                (head skipped: the `siglip2-mean` baseline's readout, a similarity NearID's head was not trained for).
         """
+        self._check_readout(readout)
         out = []
         for batch in self._batches(images, batch_size, progress, "embed"):
-            out.append(self.model.get_image_features(self._model_input(batch), normalize=False).float())
+            out.append(self._features(self._model_input(batch), readout))
         if not out:
-            return torch.empty(0, self.embed_dim, device=self.device)
+            width = self.embed_dim if readout == "map" else self.model.config.vision_config.hidden_size
+            return torch.empty(0, width, device=self.device)
         return F.normalize(torch.cat(out), dim=-1)
 
-    def _embeddings(self, x: Images | torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Precomputed embeddings (a 2-D tensor [N, D]) pass through (re-normalised); anything else is embedded."""
+    def embed_pixels(self, pixels: torch.Tensor, input_range: str = "0,1", readout: str = "map",
+                     normalize: bool = True) -> torch.Tensor:
+        """A batch of float pixels [N, 3, H, W] (any size, dtype and device) -> embeddings [N, D] float32, graph intact.
+
+        For differentiable uses (reward losses, guidance): values are clamped to `input_range` ("0,1", or "-1,1" for
+        VAE decoder output) as when the images are saved, then go through the checkpoint's own preprocessing and model,
+        exactly as `embed` sees them.
+
+        Raises:
+            ValueError: `pixels` is not a float [N, 3, H, W] tensor, or an unknown `input_range` / `readout`.
+        """
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {', '.join(map(repr, INPUT_RANGES))}; got {input_range!r}.")
+        self._check_readout(readout)
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
+            raise ValueError(f"pixels must be a float tensor [N, 3, H, W]; got {pixels.dtype} {tuple(pixels.shape)}.")
+        x = pixels.to(self.device, torch.float32)
+        if input_range == "-1,1":
+            x = (x + 1) / 2
+        x = preprocess(x.clamp(0, 1), self.preprocess_config).to(self.dtype)
+        features = self._features(x, readout)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def as_embeddings(self, x: Images | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images or precomputed embeddings -> L2-normalised embeddings [N, D] float32 on the scorer's device.
+
+        A 2-D tensor is read as precomputed embeddings [N, D] and re-normalised; anything else is embedded.
+
+        Raises:
+            ValueError: a 2-D tensor of the wrong width, or with NaN / infinite values.
+        """
         if isinstance(x, torch.Tensor) and x.ndim == 2:
             if x.shape[1] != self.embed_dim:
                 raise ValueError(
                     f"Embeddings have dimension {x.shape[1]} but this model's is {self.embed_dim}; 2-D tensors are "
                     "read as precomputed embeddings, pass images as [B, H, W, C] or [B, 3, H, W]."
                 )
+            if not torch.isfinite(x).all():
+                raise ValueError("Precomputed embeddings contain NaN or infinite values; re-embed those images.")
             return F.normalize(x.to(self.device).float(), dim=-1)
         return self.embed(x, batch_size=batch_size)
 
     def similarity(self, a: Images | torch.Tensor, b: Images | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Cosine similarity matrix [len(a), len(b)] in [-1, 1] between images or precomputed embeddings."""
-        return self._embeddings(a, batch_size) @ self._embeddings(b, batch_size).T
+        return self.as_embeddings(a, batch_size) @ self.as_embeddings(b, batch_size).T
 
     def score(
         self,
@@ -187,10 +238,10 @@ class NearIDScorer:
         """
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
-        refs = self._embeddings(references, batch_size)
+        refs = self.as_embeddings(references, batch_size)
         if refs.shape[0] == 0:
             raise ValueError("references is empty: pass at least one reference image or embedding.")
-        cands = self._embeddings(candidates, batch_size)
+        cands = self.as_embeddings(candidates, batch_size)
         if reduce == "centroid":
             return cands @ F.normalize(refs.mean(0), dim=-1)
         sims = cands @ refs.T

@@ -31,15 +31,11 @@ with :func:`nearid_core.load_model`, and ``train_summary.json``. Metrics also go
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import logging
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -59,6 +55,15 @@ from .data import EVAL_SOURCES, load_local_mtg, load_local_nearid, local_sources
 from .feature_cache import FeatureCache, token_encoder
 from .losses import InfoNCEExtOutput, infonce_ext
 from .preprocessing import PreprocessConfig
+from .runs import (
+    CHECKPOINT_MARKER,
+    CsvLog,
+    available_trackers,
+    begin_checkpoint,
+    commit_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+)
 from .train_data import (
     AugmentConfig,
     EpochSampler,
@@ -79,8 +84,6 @@ logger = logging.getLogger("nearid_core.train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REPORT_TO = ("auto", "none", "tensorboard", "wandb", "all")
 EXPORTS = ("both", "release", "head", "none")
-CHECKPOINT_PREFIX = "checkpoint-"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "tier1", "tier2", "top1_acc", "tier_acc", "lr", "grad_norm", "elapsed_s")
 VAL_LOG_FIELDS = ("step", "source", "SSR", "PA", "PA_terms", "n")
 _NONE_WORDS = ("none", "off")
@@ -184,24 +187,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def _trackers(report_to: str) -> list[str]:
-    available = [name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")) if _installed(module)]
-    if report_to == "auto":
-        return available
-    if report_to == "none":
-        return []
-    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
-    missing = [w for w in wanted if w not in available]
-    if missing:
-        raise ValueError(f"--report-to {report_to}: {', '.join(missing)} is not installed "
-                         f"(pip install {' '.join(missing)}), or use --report-to auto / none")
-    return wanted
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Reject conflicting or meaningless flag combinations; the messages name the flags."""
     if bool(args.data_dir) == bool(args.hf):
@@ -267,45 +252,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--eval-steps needs a validation split (--val-indices with --hf)")
     if args.val_split in _NONE_WORDS and args.eval_steps is not None:
         raise ValueError("--eval-steps conflicts with --val-split none")
-    args.trackers = _trackers(args.report_to)
+    args.trackers = available_trackers(args.report_to, flag="--report-to")
 
 
 # ====================================================================================================================
 # Checkpoints: checkpoint-<step>/ written to a temporary folder and renamed into place
 # ====================================================================================================================
-
-
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir`` as (step, path), oldest first (temporary folders are ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = checkpoint_dirs(output_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``latest`` -> newest in ``output_dir`` (None if there is none yet)."""
-    if not resume:
-        return None
-    if resume == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logger.info("--resume latest: no checkpoint in %s yet, starting a new run", output_dir)
-        return path
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.json)")
-    return path
 
 
 def rng_state() -> dict[str, Any]:
@@ -334,19 +286,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -368,13 +307,7 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f".{CHECKPOINT_PREFIX}{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = begin_checkpoint(output_dir, step)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in head_state.items()}, str(tmp / "head.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -383,22 +316,9 @@ def save_checkpoint(
     rng = rng_state()
     save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, str(tmp / "rng.safetensors"))
     state = {**trainer_state, "global_step": step, "rng": rng["meta"]}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    old = None
-    if final.exists():  # re-saving the same step (e.g. after an interrupted resume): swap, then drop the old one
-        old = root / f".{CHECKPOINT_PREFIX}{step}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if total_limit is not None:
-        for _, path in checkpoint_dirs(root)[:-total_limit]:
-            shutil.rmtree(path, ignore_errors=True)
+    (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state, indent=1, default=str))
+    final = commit_checkpoint(tmp)
+    prune_checkpoints(output_dir, total_limit)
     return final
 
 
@@ -430,31 +350,6 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
-
-
-# ====================================================================================================================
-# Logs
-# ====================================================================================================================
-
-
-class CsvLog:
-    """An append-only CSV; on resume, rows after the resumed step are dropped so the file matches the run."""
-
-    def __init__(self, path: str | os.PathLike, fields: Sequence[str], keep_until_step: int | None = None) -> None:
-        self.path, self.fields = Path(path), list(fields)
-        rows: list[dict[str, str]] = []
-        if keep_until_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow(
-                {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items() if k in self.fields})
 
 
 # ====================================================================================================================

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nearid_core.runs import available_trackers
+from nearid_core.scorer import DEFAULT_MODEL, REDUCTIONS
+
+from .families import FAMILIES
+from .sampling import K_DISTRIBUTIONS
+from .weighting import SCHEDULES, WEIGHTINGS
+
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("auto", "sd15", "sdxl")
-REWARD_MODES = ("none", "refl", "draft")
-REWARD_SCHEDULES = ("constant", "linear")
-REWARD_REDUCTIONS = ("mean", "min", "max", "centroid")
+MODEL_TYPES = ("auto", *FAMILIES)
+REWARD_MODES = ("none", "refl", "draft", "draft_lv")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
-DEFAULT_NEARID_MODEL = "Aleksandar/nearid-siglip2"  # = nearid_core.DEFAULT_MODEL (not imported: keep this module light)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+DEFAULT_MAX_TRAIN_STEPS = 500  # when neither --max_train_steps nor --num_train_epochs is given
 
 
 @dataclass
@@ -51,7 +55,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     sample_batch_size: int = 4
-    resolution: int = 512
+    resolution: int | None = None  # None = the family's default (SD1.5 512, SDXL 1024)
     center_crop: bool = False
     random_flip: bool = False
     # LoRA + optimisation
@@ -61,13 +65,16 @@ class TrainConfig:
     output_dir: str = "nearid-lora"
     seed: int | None = None
     train_batch_size: int = 1
-    max_train_steps: int = 500
+    max_train_steps: int | None = None
+    num_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     learning_rate: float = 1e-4
     scale_lr: bool = False
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -85,12 +92,16 @@ class TrainConfig:
     num_validation_images: int = 4
     validation_num_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
-    report_to: str = "tensorboard"
+    validation_epochs: int | None = None
+    validation_holdout: int | None = None  # None = 1 instance image when there are at least 2
+    report_to: str = "auto"
     logging_dir: str = "logs"
     # reward
-    nearid_model: str = DEFAULT_NEARID_MODEL
-    reward_mode: str = "none"
-    reward_weight: float = 0.1
+    nearid_model: str = DEFAULT_MODEL
+    reward_mode: str = "refl"
+    reward_weighting: str = "ratio"
+    reward_weight: float = 1.0
+    reward_ratio_smoothing: float = 0.9
     reward_schedule: str = "constant"
     reward_start_step: int = 0
     reward_warmup_steps: int = 0
@@ -101,9 +112,14 @@ class TrainConfig:
     reward_resolution: int | None = None
     reward_num_inference_steps: int = 20
     reward_guidance_scale: float = 7.5
+    reward_eta: float = 0.0
     refl_min_step: int | None = None
     refl_max_step: int | None = None
     draft_k: int = 1
+    draft_k_distribution: str = "fixed"
+    draft_k_min: int = 1
+    draft_k_std: float | None = None
+    draft_lv_n: int = 2
     # kohya export
     kohya_lora_name: str = "pytorch_lora_weights_kohya.safetensors"
 
@@ -123,22 +139,28 @@ class TrainConfig:
         hi = self.refl_max_step if self.refl_max_step is not None else n
         return lo, hi
 
+    def holdout_count(self, num_instance_images: int) -> int:
+        """How many instance images (the last ones by file name) are held out of the reward for validation."""
+        if self.validation_holdout is not None:
+            return self.validation_holdout
+        return 1 if num_instance_images >= 2 else 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; every `dest` is a `TrainConfig` field."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m reward_finetune.train",
-        description="DreamBooth-style LoRA fine-tuning of SD1.5 / SDXL with NearID as a differentiable identity "
-                    "reward.",
+        description="DreamBooth-style LoRA fine-tuning with NearID as a differentiable identity reward.",
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="hub id or local diffusers pipeline directory (SD1.x/SD2 or SDXL)")
+                   help="hub id or local diffusers pipeline directory (StableDiffusionPipeline or "
+                        "StableDiffusionXLPipeline)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     g.add_argument("--model_type", choices=MODEL_TYPES, default=d.model_type,
-                   help="auto = read model_index.json (StableDiffusionXL* -> sdxl, else sd15)")
+                   help="auto = from the pipeline class in model_index.json")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a better VAE (e.g. an fp16-safe SDXL VAE); default the pipeline's own")
     g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
@@ -154,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_class_images", type=int, default=d.num_class_images,
                    help="missing class images are generated with the base model")
     g.add_argument("--sample_batch_size", type=int, default=d.sample_batch_size)
-    g.add_argument("--resolution", type=int, default=d.resolution)
+    g.add_argument("--resolution", type=int, default=None, help="default: SD1.5 512, SDXL 1024")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
 
@@ -165,15 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--train_batch_size", type=int, default=d.train_batch_size)
-    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help=f"optimisation steps; overrides --num_train_epochs (neither: {DEFAULT_MAX_TRAIN_STEPS})")
+    g.add_argument("--num_train_epochs", type=int, default=None,
+                   help="epochs over the instance images (or the class images, if more), as diffusers counts them")
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
     g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="activation checkpointing in the UNet, the VAE decoder (reward) and the NearID backbone")
+                   help="activation checkpointing in the denoiser, the VAE decoder (reward) and the NearID backbone")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--scale_lr", action="store_true")
-    g.add_argument("--lr_scheduler", default=d.lr_scheduler,
-                   help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
     g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--lr_num_cycles", type=int, default=d.lr_num_cycles,
+                   help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=d.lr_power, help="power of the polynomial schedule")
     g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
     g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
     g.add_argument("--adam_weight_decay", type=float, default=d.adam_weight_decay)
@@ -188,32 +215,45 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps,
                    help="save checkpoint-{step} (accelerate state + LoRA files) and run validation every N steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoint-* folders")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep at most N checkpoint-* folders (the best one is never deleted)")
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-{step} folder, or "latest"')
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None,
-                   help="prompt sampled at each checkpoint; the images are scored with NearID against the "
-                        "instance images")
+                   help="prompt sampled at each checkpoint; the images are scored with NearID against the training "
+                        "and the held-out instance images")
     g.add_argument("--num_validation_images", type=int, default=d.num_validation_images)
     g.add_argument("--validation_num_inference_steps", type=int, default=d.validation_num_inference_steps)
     g.add_argument("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
-    g.add_argument("--report_to", default=d.report_to, help="tensorboard, wandb, comet_ml, mlflow, all or none")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="also validate every N epochs (default: at checkpoints only)")
+    g.add_argument("--validation_holdout", type=int, default=None,
+                   help="instance images (the last by file name) the reward never sees, used as held-out "
+                        "validation references; default 1 when there are at least 2, 0 = none")
+    g.add_argument("--report_to", default=d.report_to,
+                   help="auto (tensorboard / wandb if installed), tensorboard, wandb, comet_ml, mlflow, all or none")
     g.add_argument("--logging_dir", default=d.logging_dir)
 
     g = p.add_argument_group("NearID identity reward")
     g.add_argument("--nearid_model", default=d.nearid_model, help="NearID hub id or local checkpoint")
     g.add_argument("--reward_mode", choices=REWARD_MODES, default=d.reward_mode,
                    help="refl: sample without gradients to a random late step, predict x0 in one step; "
-                        "draft: backpropagate through the last --draft_k sampling steps; none: DreamBooth only")
+                        "draft: backpropagate through the last --draft_k sampling steps; draft_lv: re-noise the "
+                        "final sample --draft_lv_n times, one-step gradients averaged; none: DreamBooth only")
+    g.add_argument("--reward_weighting", choices=WEIGHTINGS, default=d.reward_weighting,
+                   help="ratio: --reward_weight is the target ratio of the reward's gradient norm to the denoising "
+                        "loss's on the LoRA; absolute: --reward_weight multiplies the loss 1 - cos")
     g.add_argument("--reward_weight", type=float, default=d.reward_weight,
-                   help="weight of the identity loss (1 - cosine) against the denoising loss")
-    g.add_argument("--reward_schedule", choices=REWARD_SCHEDULES, default=d.reward_schedule,
+                   help="the gradient-norm ratio (ratio weighting) or loss weight (absolute)")
+    g.add_argument("--reward_ratio_smoothing", type=float, default=d.reward_ratio_smoothing,
+                   help="EMA factor of the gradient-norm ratio estimate (0 = this step's ratio only)")
+    g.add_argument("--reward_schedule", choices=SCHEDULES, default=d.reward_schedule,
                    help="constant: full weight from --reward_start_step; linear: ramp over --reward_warmup_steps")
     g.add_argument("--reward_start_step", type=int, default=d.reward_start_step)
     g.add_argument("--reward_warmup_steps", type=int, default=d.reward_warmup_steps)
     g.add_argument("--reward_every", type=int, default=d.reward_every, help="compute the reward every N steps")
-    g.add_argument("--reward_reduce", choices=REWARD_REDUCTIONS, default=d.reward_reduce,
+    g.add_argument("--reward_reduce", choices=REDUCTIONS, default=d.reward_reduce,
                    help="how the instance images (references) combine")
     g.add_argument("--reward_prompt", action="append", default=None,
                    help="prompt(s) sampled for the reward (repeat the flag); default --instance_prompt")
@@ -222,10 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward_num_inference_steps", type=int, default=d.reward_num_inference_steps,
                    help="DDIM steps of the reward sampler")
     g.add_argument("--reward_guidance_scale", type=float, default=d.reward_guidance_scale)
+    g.add_argument("--reward_eta", type=float, default=d.reward_eta,
+                   help="DDIM eta of the reward sampler: 0 deterministic, 1 DDPM-like stochastic steps")
     g.add_argument("--refl_min_step", type=int, default=None,
                    help="ReFL stops at a random sampler step in [min, max); default the last quarter")
     g.add_argument("--refl_max_step", type=int, default=None)
-    g.add_argument("--draft_k", type=int, default=d.draft_k, help="DRaFT-K: sampling steps with gradients")
+    g.add_argument("--draft_k", type=int, default=d.draft_k,
+                   help="DRaFT-K: sampling steps with gradients (the largest K with uniform, the mean with gaussian)")
+    g.add_argument("--draft_k_distribution", choices=K_DISTRIBUTIONS, default=d.draft_k_distribution,
+                   help="fixed K, or AlignProp's randomised truncation: K drawn per step, uniform in "
+                        "[--draft_k_min, --draft_k] or gaussian around --draft_k")
+    g.add_argument("--draft_k_min", type=int, default=d.draft_k_min)
+    g.add_argument("--draft_k_std", type=float, default=None, help="gaussian K: standard deviation (default K/2)")
+    g.add_argument("--draft_lv_n", type=int, default=d.draft_lv_n, help="DRaFT-LV: re-noised copies per sample")
     g.add_argument("--kohya_lora_name", default=d.kohya_lora_name,
                    help="file name of the kohya-key export (ComfyUI LoraLoader)")
     return p
@@ -256,12 +305,14 @@ def validate_config(config: TrainConfig) -> None:
     _check_paths(config)
     _check_prior_preservation(config)
     _check_reward(config)
-    _check_report_to(config)
+    available_trackers(config.report_to, flag="--report_to")
 
 
 def _check_choices(c: TrainConfig) -> None:
     for name, allowed in [("model_type", MODEL_TYPES), ("reward_mode", REWARD_MODES),
-                          ("reward_schedule", REWARD_SCHEDULES), ("reward_reduce", REWARD_REDUCTIONS)]:
+                          ("reward_schedule", SCHEDULES), ("reward_reduce", REDUCTIONS),
+                          ("reward_weighting", WEIGHTINGS), ("draft_k_distribution", K_DISTRIBUTIONS),
+                          ("lr_scheduler", LR_SCHEDULERS)]:
         if getattr(c, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(c, name)!r}.")
     if c.mixed_precision not in (None, *MIXED_PRECISIONS):
@@ -271,23 +322,29 @@ def _check_choices(c: TrainConfig) -> None:
 
 
 def _check_positive(c: TrainConfig) -> None:
-    for name in ("rank", "train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+    for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_validation_images", "validation_num_inference_steps", "reward_every", "reward_batch_size",
-                 "reward_num_inference_steps", "sample_batch_size"):
+                 "reward_num_inference_steps", "sample_batch_size", "lr_num_cycles", "draft_lv_n"):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(c, name)}.")
-    if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1 (or left unset); got {c.checkpoints_total_limit}.")
+    for name in ("max_train_steps", "num_train_epochs", "validation_epochs", "checkpoints_total_limit"):
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1 (or left unset); got {value}.")
     for name in ("resolution", "reward_resolution"):
         value = getattr(c, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8; got {value}.")
     for name in ("learning_rate", "denoising_loss_weight", "prior_loss_weight", "lr_warmup_steps",
-                 "reward_start_step", "reward_warmup_steps", "lora_dropout"):
+                 "reward_start_step", "reward_warmup_steps", "lora_dropout", "reward_eta", "lr_power"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name} must be >= 0; got {getattr(c, name)}.")
+    if c.validation_holdout is not None and c.validation_holdout < 0:
+        raise ValueError(f"--validation_holdout must be >= 0; got {c.validation_holdout}.")
     if c.lora_alpha is not None and c.lora_alpha <= 0:
         raise ValueError(f"--lora_alpha must be > 0; got {c.lora_alpha}.")
+    if not 0 <= c.reward_ratio_smoothing < 1:
+        raise ValueError(f"--reward_ratio_smoothing must be in [0, 1); got {c.reward_ratio_smoothing}.")
 
 
 def _check_paths(c: TrainConfig) -> None:
@@ -324,11 +381,14 @@ def _check_reward(c: TrainConfig) -> None:
     if c.reward_mode == "none":
         if c.denoising_loss_weight == 0:
             raise ValueError("--denoising_loss_weight 0 with --reward_mode none leaves nothing to train; "
-                             "pick --reward_mode refl or draft, or a positive --denoising_loss_weight.")
+                             "pick --reward_mode refl, draft or draft_lv, or a positive --denoising_loss_weight.")
         return
     if c.reward_weight == 0:
         logger.warning("--reward_weight 0: the reward is never computed; --reward_mode %s has no effect.",
                        c.reward_mode)
+    if c.reward_weighting == "ratio" and c.denoising_loss_weight == 0:
+        logger.warning("--reward_weighting ratio with --denoising_loss_weight 0: there is no denoising gradient to "
+                       "take a ratio to, so --reward_weight is used as an absolute weight.")
     n = c.reward_num_inference_steps
     if c.reward_mode == "draft":
         if c.draft_k < 1 or c.draft_k > n:
@@ -336,8 +396,14 @@ def _check_reward(c: TrainConfig) -> None:
                 f"--draft_k must be in [1, --reward_num_inference_steps={n}] (DRaFT-K backpropagates through the last "
                 f"K of the sampling steps); got {c.draft_k}."
             )
-        if c.refl_min_step is not None or c.refl_max_step is not None:
-            logger.warning("--refl_min_step/--refl_max_step are ignored with --reward_mode draft.")
+        if c.draft_k_distribution == "uniform" and not 1 <= c.draft_k_min <= c.draft_k:
+            raise ValueError(f"--draft_k_min must be in [1, --draft_k={c.draft_k}]; got {c.draft_k_min}.")
+        if c.draft_k_std is not None and c.draft_k_std <= 0:
+            raise ValueError(f"--draft_k_std must be > 0; got {c.draft_k_std}.")
+    elif c.draft_k_distribution != "fixed":
+        logger.warning("--draft_k_distribution is ignored with --reward_mode %s.", c.reward_mode)
+    if c.reward_mode != "refl" and (c.refl_min_step is not None or c.refl_max_step is not None):
+        logger.warning("--refl_min_step/--refl_max_step are ignored with --reward_mode %s.", c.reward_mode)
     if c.reward_mode == "refl":
         lo, hi = c.refl_step_range
         if not 0 <= lo < hi <= n:
@@ -347,20 +413,6 @@ def _check_reward(c: TrainConfig) -> None:
             )
     if c.reward_schedule == "linear" and c.reward_warmup_steps == 0:
         logger.warning("--reward_schedule linear with --reward_warmup_steps 0 is the constant schedule.")
-
-
-def _check_report_to(c: TrainConfig) -> None:
-    wanted = [t.strip() for t in c.report_to.split(",") if t.strip()]
-    if wanted in ([], ["none"]) or wanted == ["all"]:
-        return
-    for tracker in wanted:
-        if tracker not in TRACKERS:
-            raise ValueError(f"--report_to {tracker!r} is not supported; use {', '.join(TRACKERS)}, all or none.")
-        if importlib.util.find_spec(TRACKERS[tracker]) is None:
-            raise ValueError(
-                f"--report_to {tracker} needs the {TRACKERS[tracker]} package: `pip install {TRACKERS[tracker]}`, "
-                "or pass --report_to none (the identity CSV and plot are written either way)."
-            )
 
 
 def config_to_dict(config: TrainConfig) -> dict:

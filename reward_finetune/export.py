@@ -217,14 +217,25 @@ def save_kohya_lora(
 def write_model_card(
     output_dir: str | os.PathLike,
     base_model: str,
-    instance_prompt: str,
-    reward_mode: str,
+    family: str,
+    config,
     identity_rows: Iterable[Mapping[str, object]] = (),
     best: Mapping[str, object] | None = None,
-    kohya_file: str = "pytorch_lora_weights_kohya.safetensors",
+    selected_by: str = "identity_train",
 ) -> Path:
-    """A README.md next to the LoRA files: how to load them, the prompt, and the identity curve."""
+    """A README.md next to the LoRA files: the base model and family, how to load the files, the reward settings,
+    and the identity curve (training-reference, held-out and mean-pool similarity). `config` is the run's
+    `TrainConfig`."""
     rows = list(identity_rows)
+    c = config
+    if c.reward_mode == "none":
+        reward = "none (plain DreamBooth LoRA)"
+    else:
+        weight = (f"gradient-norm ratio {c.reward_weight:g}" if c.reward_weighting == "ratio"
+                  else f"absolute weight {c.reward_weight:g}")
+        reward = (f"`{c.reward_mode}`, {weight}, schedule `{c.reward_schedule}`, {c.reward_num_inference_steps} "
+                  f"sampler steps, guidance {c.reward_guidance_scale:g}, eta {c.reward_eta:g}, NearID model "
+                  f"`{c.nearid_model}`")
     lines = [
         "---",
         f"base_model: {base_model}",
@@ -234,20 +245,25 @@ def write_model_card(
         "",
         f"# NearID identity-reward LoRA for {base_model}",
         "",
-        f"Instance prompt: `{instance_prompt}`; reward mode: `{reward_mode}`.",
-        "",
+        f"* Base model: `{base_model}` (family `{family}`); instance prompt: `{c.instance_prompt}`.",
+        f"* Identity reward: {reward}.",
         "* diffusers: `pipe.load_lora_weights(\"<this folder>\")` (`pytorch_lora_weights.safetensors`).",
-        f"* ComfyUI: copy `{kohya_file}` into `models/loras` and use LoraLoader (kohya keys).",
+        f"* ComfyUI: copy `{c.kohya_lora_name}` into `models/loras` and use LoraLoader (kohya keys).",
         "",
     ]
+    def fmt(value):
+        return "-" if value in (None, "") else f"{float(value):.4f}"
+
     if rows:
-        lines += ["## Identity (NearID cosine of validation images to the instance images, higher is better)", "",
-                  "| step | checkpoint | identity |", "|---|---|---|"]
-        lines += [f"| {r['step']} | {r['checkpoint']} | {float(r['identity_mean']):.4f} |" for r in rows]
+        lines += ["## Identity of the validation images (cosine, higher is better)", "",
+                  "Held-out: NearID to instance images the reward never saw. Mean-pool: SigLIP mean-pooled tokens, "
+                  "a similarity the reward does not optimise.", "",
+                  "| step | checkpoint | NearID, training refs | NearID, held-out refs | mean-pool |", "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['checkpoint']} | {fmt(r.get('identity_train'))} | "
+                  f"{fmt(r.get('identity_heldout'))} | {fmt(r.get('meanpool_similarity'))} |" for r in rows]
         lines.append("")
     if best:
-        lines += [f"Best checkpoint: `{best.get('checkpoint')}` (identity {float(best.get('identity_mean', 0)):.4f}).",
-                  ""]
+        lines += [f"Best checkpoint: `{best.get('checkpoint')}` by {selected_by} ({fmt(best.get(selected_by))}).", ""]
     path = Path(output_dir) / "README.md"
     path.write_text("\n".join(lines))
     return path

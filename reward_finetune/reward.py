@@ -1,9 +1,9 @@
 """`NearIDReward`: a differentiable identity loss from decoded images to a subject's reference embeddings.
 
 The loss is `1 - cosine` between the NearID embedding of each generated image and the reference embeddings
-(`nearid_core.losses.identity_loss`), in [0, 2]; lower means closer in identity. The images go through the scorer's
-own preprocessing (`nearid_core.preprocessing.preprocess`, the one differentiable transform) and model, so the
-reward sees exactly what `NearIDScorer.embed` sees; only the frozen NearID weights never get gradients.
+(`nearid_core.losses.identity_loss`), in [0, 2]; lower means closer in identity. The images go through
+`NearIDScorer.embed_pixels` (the checkpoint's own differentiable preprocessing and model), so the reward sees exactly
+what `NearIDScorer.embed` sees; only the frozen NearID weights never get gradients.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import os
 import torch
 
 from nearid_core.losses import identity_loss
-from nearid_core.preprocessing import Images, preprocess
+from nearid_core.preprocessing import Images
 from nearid_core.scorer import REDUCTIONS, NearIDScorer
 
 logger = logging.getLogger(__name__)
-
-INPUT_RANGES = ("-1,1", "0,1")
 
 
 class NearIDReward:
@@ -34,7 +32,8 @@ class NearIDReward:
     Args:
         scorer_or_id: a loaded `NearIDScorer`, or a hub id / local checkpoint for `NearIDScorer.from_pretrained`.
         reference_images: the subject's images (paths, PIL, arrays, tensors in 0..1: anything `NearIDScorer.embed`
-            takes), or precomputed embeddings as a 2-D tensor [R, D]. Embedded once, without gradients.
+            takes), or precomputed embeddings as a 2-D tensor [R, D] (`NearIDScorer.as_embeddings`). Embedded once,
+            without gradients.
         reduce: how the R references combine: "mean" / "min" / "max" of the cosines, or "centroid".
         gradient_checkpointing: recompute the frozen backbone's activations in the backward pass instead of storing
             them (much less memory for the reward step, about one extra backbone forward of time).
@@ -60,10 +59,7 @@ class NearIDReward:
         self.scorer.model.requires_grad_(False)
         self.reduce = reduce
         with torch.no_grad():
-            if isinstance(reference_images, torch.Tensor) and reference_images.ndim == 2:
-                refs = reference_images.to(self.scorer.device).float()
-            else:
-                refs = self.scorer.embed(reference_images)
+            refs = self.scorer.as_embeddings(reference_images)
         if refs.shape[0] == 0:
             raise ValueError("reference_images is empty: pass at least one image of the subject.")
         self.reference_embeddings = refs  # [R, D] float32, on the scorer's device
@@ -113,16 +109,7 @@ class NearIDReward:
                 outside the range are clamped, as when the images are saved.
             input_range: "-1,1" (VAE decoder output) or "0,1".
         """
-        if input_range not in INPUT_RANGES:
-            raise ValueError(f"input_range must be one of {', '.join(map(repr, INPUT_RANGES))}; got {input_range!r}.")
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor [N, 3, H, W]; got {images.dtype} {tuple(images.shape)}.")
-        x = images.to(self.device, torch.float32)
-        if input_range == "-1,1":
-            x = (x + 1) / 2
-        x = x.clamp(0, 1)
-        pixels = preprocess(x, self.scorer.preprocess_config).to(self.dtype)
-        return self.scorer.model.get_image_features(pixels, normalize=False)
+        return self.scorer.embed_pixels(images, input_range=input_range, normalize=False)
 
     def __call__(self, images: torch.Tensor, input_range: str = "-1,1") -> torch.Tensor:
         """Identity loss per image: [N] float32 in [0, 2] (`1 - cosine`, reduced over references), graph intact."""

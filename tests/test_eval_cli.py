@@ -302,9 +302,9 @@ def count_embeds(monkeypatch):
     seen = []
     original = NearIDScorer.embed
 
-    def embed(self, images, batch_size=16, progress=None):
+    def embed(self, images, batch_size=16, progress=None, **kwargs):
         seen.extend(images if isinstance(images, (list, tuple)) else [images])
-        return original(self, images, batch_size=batch_size, progress=progress)
+        return original(self, images, batch_size=batch_size, progress=progress, **kwargs)
 
     monkeypatch.setattr(NearIDScorer, "embed", embed)
     return seen

@@ -4,6 +4,7 @@ log, the kohya export, and end-to-end runs of the trainer on a tiny SD1.5 / SDXL
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from nearid_core import DEFAULT_MODEL, NearIDScorer  # noqa: E402
 from nearid_core.losses import identity_loss  # noqa: E402
+from nearid_core import runs  # noqa: E402
 from reward_finetune import NearIDReward  # noqa: E402
-from reward_finetune import export, train  # noqa: E402
+from reward_finetune import export, sampling, train  # noqa: E402
 from reward_finetune.config import TrainConfig, parse_args  # noqa: E402
+from reward_finetune.families import UnsupportedPipelineError, detect_family, family_class, size_info  # noqa: E402
+from reward_finetune.families.stable_diffusion import (  # noqa: E402
+    DDIMRewardSampler,
+    StableDiffusionFamily,
+    predict_x0,
+)
+from reward_finetune.validation import split_references  # noqa: E402
+from reward_finetune.weighting import RewardWeighting  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 
@@ -173,7 +183,11 @@ def test_parse_args_uses_diffusers_flag_names(tmp_path):
     (["--reward_mode", "refl", "--refl_min_step", "5", "--refl_max_step", "5"], ["--refl_min_step", "--refl_max_step"]),
     (["--reward_mode", "refl", "--refl_max_step", "30"], ["--refl_max_step", "--reward_num_inference_steps"]),
     (["--reward_weight", "-0.5"], ["--reward_weight"]),
-    (["--denoising_loss_weight", "0"], ["--denoising_loss_weight", "--reward_mode"]),
+    (["--reward_mode", "none", "--denoising_loss_weight", "0"], ["--denoising_loss_weight", "--reward_mode"]),
+    (["--reward_mode", "draft", "--draft_k", "4", "--draft_k_distribution", "uniform", "--draft_k_min", "5"],
+     ["--draft_k_min", "--draft_k"]),
+    (["--reward_ratio_smoothing", "1"], ["--reward_ratio_smoothing"]),
+    (["--num_train_epochs", "0"], ["--num_train_epochs"]),
     (["--resolution", "100"], ["--resolution"]),
     (["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit"]),
     (["--resume_from_checkpoint", "checkpoint-7"], ["--resume_from_checkpoint"]),
@@ -186,6 +200,13 @@ def test_flag_combinations_are_validated_before_loading(tmp_path, extra, flags):
         train.main(args)
     for flag in flags:
         assert flag in str(err.value)
+
+
+def test_unknown_lr_scheduler_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path),
+                    "--instance_prompt", PROMPT, "--lr_scheduler", "cosine_annealing"])
+    assert err.value.code == 2 and "--lr_scheduler" in capsys.readouterr().err
 
 
 def test_missing_instance_dir_and_tracker_are_reported(tmp_path):
@@ -282,65 +303,154 @@ def test_reward_rejects_bad_inputs(scorer, rgb_images):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reward samplers and schedule
+# Reward samplers and weighting
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 class RecordingDenoiser(torch.nn.Module):
-    """A toy epsilon model with one weight; records whether each call had gradients enabled."""
+    """A toy epsilon model with one weight; records whether each call had gradients enabled, and its batch size."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(0.5))
         self.calls: list[bool] = []
+        self.batches: list[int] = []
 
     def forward(self, latents, t):
         self.calls.append(torch.is_grad_enabled())
+        self.batches.append(latents.shape[0])
         return self.scale * latents
 
 
-def ddim(steps: int, prediction_type: str = "epsilon") -> DDIMScheduler:
-    scheduler = DDIMScheduler.from_config(tiny_scheduler().config, prediction_type=prediction_type)
-    scheduler.set_timesteps(steps)
-    return scheduler
+def ddim_sampler(steps: int, prediction_type: str = "epsilon") -> DDIMRewardSampler:
+    config = DDIMScheduler.from_config(tiny_scheduler().config, prediction_type=prediction_type).config
+    return DDIMRewardSampler(config, steps, latent_channels=4, vae_scale=2, device=torch.device("cpu"),
+                             dtype=torch.float32)
 
 
 def test_refl_sample_has_exactly_one_gradient_step():
-    denoise, scheduler = RecordingDenoiser(), ddim(6)
-    x0 = train.refl_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), stop_index=4)
+    denoise, sampler = RecordingDenoiser(), ddim_sampler(6)
+    x0 = sampling.refl_sample(sampler, denoise, torch.randn(1, 4, 4, 4), stop_index=4)
     assert denoise.calls == [False] * 4 + [True]
     x0.sum().backward()
     assert denoise.scale.grad is not None and denoise.scale.grad != 0
     with pytest.raises(ValueError, match="stop_index"):
-        train.refl_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), stop_index=6)
+        sampling.refl_sample(sampler, denoise, torch.randn(1, 4, 4, 4), stop_index=6)
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_draft_sample_backpropagates_through_last_k_steps(k):
-    denoise, scheduler = RecordingDenoiser(), ddim(5)
-    latents = train.draft_sample(denoise, scheduler, torch.randn(1, 4, 4, 4), k=k)
+    denoise, sampler = RecordingDenoiser(), ddim_sampler(5)
+    latents = sampling.draft_sample(sampler, denoise, torch.randn(1, 4, 4, 4), k=k)
     assert denoise.calls == [False] * (5 - k) + [True] * k
     latents.sum().backward()
     assert denoise.scale.grad != 0
 
 
+def test_draft_lv_renoises_the_final_sample_n_times_with_one_gradient_step_each():
+    denoise, sampler = RecordingDenoiser(), ddim_sampler(4)
+    out = sampling.draft_lv_sample(sampler, denoise, torch.randn(2, 4, 4, 4), n=3,
+                                   generator=torch.Generator().manual_seed(0))
+    assert denoise.calls == [False] * 4 + [True] and denoise.batches == [2] * 4 + [6]
+    assert out.shape == (6, 4, 4, 4) and not torch.allclose(out[:2], out[2:4])  # independent re-noising
+    out.sum().backward()
+    assert denoise.scale.grad != 0
+
+
+def test_eta_makes_steps_stochastic_and_reproducible():
+    sampler, latents = ddim_sampler(4), torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    denoise = RecordingDenoiser()
+
+    def run(eta, seed):
+        return sampling.draft_sample(sampler, denoise, latents, k=1, eta=eta,
+                                     generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1.0, 0), run(1.0, 0)) and not torch.allclose(run(1.0, 0), run(1.0, 1))
+    assert torch.equal(run(0.0, 0), run(0.0, 1))  # eta 0 = deterministic DDIM
+
+
+def test_draw_k_distributions():
+    g = torch.Generator().manual_seed(0)
+    assert {sampling.draw_k(3, "fixed", 10, g) for _ in range(5)} == {3}
+    uniform = [sampling.draw_k(6, "uniform", 10, g, k_min=2) for _ in range(300)]
+    assert set(uniform) == set(range(2, 7))
+    gaussian = [sampling.draw_k(8, "gaussian", 10, g, std=3.0) for _ in range(300)]
+    assert min(gaussian) >= 1 and max(gaussian) <= 10 and 6 < np.mean(gaussian) < 8 and len(set(gaussian)) > 4
+    with pytest.raises(ValueError, match="distribution"):
+        sampling.draw_k(3, "beta", 10, g)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_predict_x0_matches_ddim(prediction_type):
-    scheduler = ddim(10, prediction_type)
+    sampler = ddim_sampler(10, prediction_type)
     g = torch.Generator().manual_seed(0)
     sample, output = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
-    t = scheduler.timesteps[3]
-    expected = scheduler.step(output, t, sample).pred_original_sample
-    torch.testing.assert_close(train.predict_x0(scheduler, sample, output, t), expected, atol=1e-5, rtol=1e-5)
+    t = sampler.timesteps[3]
+    expected = sampler.scheduler.step(output, t, sample).pred_original_sample
+    torch.testing.assert_close(predict_x0(sampler.scheduler, sample, output, t), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_reward_weight_schedule():
-    constant = TrainConfig(reward_mode="refl", reward_weight=0.4, reward_start_step=2, reward_every=2)
-    assert [train.reward_weight_at(s, constant) for s in range(7)] == [0, 0, 0.4, 0, 0.4, 0, 0.4]
-    linear = TrainConfig(reward_mode="draft", reward_weight=1.0, reward_schedule="linear", reward_start_step=1,
-                         reward_warmup_steps=4)
-    assert [train.reward_weight_at(s, linear) for s in range(7)] == [0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert train.reward_weight_at(5, TrainConfig(reward_mode="none", reward_weight=1.0)) == 0
+def test_reward_schedule():
+    constant = RewardWeighting(0.4, "absolute", start_step=2, every=2)
+    assert [constant.scheduled(s) for s in range(7)] == [0, 0, 0.4, 0, 0.4, 0, 0.4]
+    linear = RewardWeighting(1.0, "ratio", "linear", start_step=1, warmup_steps=4)
+    assert [linear.scheduled(s) for s in range(7)] == [0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_ratio_weighting_targets_the_gradient_norm_ratio_and_resumes():
+    w = RewardWeighting(0.5, "ratio", smoothing=0.5)
+    # first estimate: ||g_d|| / ||g_r|| = 10 -> w = 0.5 * 10, so ||w g_r|| / ||g_d|| = 0.5 exactly
+    assert w.effective(0, denoising_norm=2.0, reward_norm=0.2) == pytest.approx(5.0)
+    assert w.effective(1, denoising_norm=2.0, reward_norm=0.1) == pytest.approx(0.5 * (0.5 * 10 + 0.5 * 20))
+    assert w.effective(2, denoising_norm=float("nan"), reward_norm=0.1) == pytest.approx(7.5)  # bad norms: no update
+    resumed = RewardWeighting(0.5, "ratio", smoothing=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(w.state_dict())))
+    assert resumed.effective(3, 1.0, 1.0) == w.effective(3, 1.0, 1.0)
+    assert RewardWeighting(0.5, "absolute").effective(0, 2.0, 0.2) == 0.5
+    assert RewardWeighting(0.5, "ratio").effective(0, None, 0.2) == 0.5  # reward only: absolute
+    assert RewardWeighting(0.5, "ratio").effective(0, 1.0, 0.0) == 0.0  # no estimate yet: no reward
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model families
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline_class, family", [("StableDiffusionPipeline", "sd15"),
+                                                     ("StableDiffusionXLPipeline", "sdxl")])
+def test_family_detection(pipeline_class, family):
+    assert detect_family(pipeline_class) == family
+    assert family_class(family).name == family
+
+
+@pytest.mark.parametrize("pipeline_class", ["FluxPipeline", "StableDiffusion3Pipeline", ""])
+def test_unsupported_pipelines_are_refused_by_name(tmp_path, instance_dir, pipeline_class):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    args = ["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UnsupportedPipelineError) as err:
+        train.main(args)
+    assert "StableDiffusionPipeline" in str(err.value) and "StableDiffusionXLPipeline" in str(err.value)
+    assert repr(pipeline_class or "(none)") in str(err.value)
+
+
+def test_unknown_prediction_type_is_an_error(sd_dir, tmp_path):
+    scheduler_dir = tmp_path / "pipe"
+    shutil.copytree(sd_dir, scheduler_dir)
+    path = scheduler_dir / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match="prediction_type.*--prediction_type"):
+        family_class("sd15").from_pretrained(str(scheduler_dir))
+
+
+def test_sdxl_negative_conditioning_is_zeros_like_the_pipeline(sdxl_dir):
+    family = family_class("sdxl").from_pretrained(str(sdxl_dir))
+    family.place(torch.device("cpu"), torch.float32)
+    sizes = torch.stack([size_info((32, 32), (0, 0), (32, 32))])
+    neg = family.negative_conditioning(1, sizes)
+    assert family.force_zeros_for_empty_prompt
+    assert not neg.kwargs["encoder_hidden_states"].any() and not neg.kwargs["added_cond_kwargs"]["text_embeds"].any()
+    family.pipeline_config["force_zeros_for_empty_prompt"] = False
+    assert family.negative_conditioning(1, sizes).kwargs["encoder_hidden_states"].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,37 +461,66 @@ def test_reward_weight_schedule():
 def test_checkpoint_listing_pruning_and_resume_resolution(tmp_path):
     for step in (10, 2, 30, 20):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-40").mkdir()  # partial (no marker): never listed, never resumed
     (tmp_path / "checkpoint-final").mkdir()  # not a step folder: ignored
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-20",
-                                                                  "checkpoint-30"]
-    assert train.resolve_resume_checkpoint(tmp_path, "latest").name == "checkpoint-30"
-    assert train.resolve_resume_checkpoint(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
-    assert train.resolve_resume_checkpoint(tmp_path / "empty", "latest") is None
-    # before saving a 5th checkpoint with a limit of 3: keep 2, never the protected best one
-    removed = train.prune_checkpoints(tmp_path, total_limit=3, protect=["checkpoint-2"])
+    assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [2, 10, 20, 30]
+    assert runs.resolve_resume(tmp_path, "latest").name == "checkpoint-30"
+    assert runs.resolve_resume(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
+    assert runs.resolve_resume(tmp_path / "empty", "latest") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-40"):
+        runs.resolve_resume(tmp_path, "checkpoint-40")
+    # at most 2, never the protected best one
+    removed = runs.prune_checkpoints(tmp_path, total_limit=2, protect=["checkpoint-2"])
     assert [p.name for p in removed] == ["checkpoint-10", "checkpoint-20"]
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-30"]
-    assert [p.name for p in train.prune_checkpoints(tmp_path, total_limit=1)] == ["checkpoint-2", "checkpoint-30"]
-    assert train.prune_checkpoints(tmp_path, total_limit=None) == []
+    assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [2, 30]
+    assert runs.prune_checkpoints(tmp_path, total_limit=None) == []
 
 
-def test_identity_log_csv_best_and_plot(tmp_path):
+def metrics(train_scores, heldout=None, meanpool=(0.5,)):
+    return {"identity_train": torch.tensor(train_scores),
+            "identity_heldout": None if heldout is None else torch.tensor(heldout),
+            "meanpool_similarity": torch.tensor(meanpool)}
+
+
+def test_identity_log_best_by_heldout_csv_and_plot(tmp_path):
     log = train.IdentityLog(tmp_path)
-    log.append(0, "base", torch.tensor([0.9, 0.95]))  # the base model is plotted, never "best"
-    log.append(5, "checkpoint-5", torch.tensor([0.5, 0.7]))
-    log.append(10, "checkpoint-10", torch.tensor([0.8, 0.6]))
-    log.append(15, "final", torch.tensor([0.2, 0.4]))
+    log.append(0, "base", metrics([0.9, 0.95], [0.9]))  # the base model is plotted, never "best"
+    log.append(5, "checkpoint-5", metrics([0.5, 0.7], [0.8]))
+    log.append(10, "checkpoint-10", metrics([0.9, 0.9], [0.6]))  # best on the training refs, worse held out
     best = json.loads((tmp_path / "best_checkpoint.json").read_text())
-    assert best["checkpoint"] == "checkpoint-10"
-    assert best["lora_weights"] == "checkpoint-10/pytorch_lora_weights.safetensors"
-    assert best["identity_mean"] == pytest.approx(0.7)
+    assert best["checkpoint"] == "checkpoint-5" and best["selected_by"] == "identity_heldout"
+    assert best["lora_weights"] == "checkpoint-5/pytorch_lora_weights.safetensors"
+    assert best["identity_heldout"] == pytest.approx(0.8) and best["identity_train"] == pytest.approx(0.6)
     assert (tmp_path / "identity_curve.png").stat().st_size > 0
-    reloaded = train.IdentityLog(tmp_path)
-    assert [r["step"] for r in reloaded.rows] == [0, 5, 10, 15]
-    reloaded.truncate_after(5)
-    assert json.loads((tmp_path / "best_checkpoint.json").read_text())["checkpoint"] == "checkpoint-5"
+    resumed = train.IdentityLog(tmp_path, resume_step=5)
+    assert [r["step"] for r in resumed.rows] == [0, 5] and resumed.rows[1]["meanpool_similarity"] == 0.5
     assert (tmp_path / "identity.csv").read_text().count("\n") == 3  # header + 2 rows
 
+
+def test_identity_log_without_holdout_selects_by_training_identity(tmp_path):
+    log = train.IdentityLog(tmp_path)
+    log.append(1, "checkpoint-1", metrics([0.5]))
+    log.append(2, "checkpoint-2", metrics([0.7]))
+    assert log.selection_metric == "identity_train" and log.best()["checkpoint"] == "checkpoint-2"
+
+
+def test_new_run_in_a_used_output_dir_starts_a_fresh_log(tmp_path):
+    old = train.IdentityLog(tmp_path)
+    old.append(3, "checkpoint-3", metrics([0.9], [0.9]))
+    assert (tmp_path / "best_checkpoint.json").exists()
+    fresh = train.IdentityLog(tmp_path)  # a new run, not a resume
+    assert fresh.rows == [] and not (tmp_path / "best_checkpoint.json").exists()
+    assert (tmp_path / "identity.csv").read_text().count("\n") == 1
+
+
+def test_split_references_holds_out_the_last_images(tmp_path):
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    assert split_references(files, 1) == (files[:2], files[2:])
+    assert split_references(files, 0) == (files, [])
+    with pytest.raises(ValueError, match="--validation_holdout"):
+        split_references(files, 3)
+    assert TrainConfig().holdout_count(1) == 0 and TrainConfig().holdout_count(4) == 1
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Kohya export
@@ -392,7 +531,8 @@ def lora_unet(alpha: float | None = None, seed: int = 0) -> UNet2DConditionModel
     """A tiny UNet with the trainer's LoRA adapter and non-zero lora_B (so the LoRA changes the output)."""
     torch.manual_seed(seed)
     unet = tiny_unet()
-    train.add_lora(unet, TrainConfig(rank=4, lora_alpha=alpha))
+    family = StableDiffusionFamily([], [], tiny_vae(), unet, tiny_scheduler())
+    family.add_lora(rank=4, alpha=TrainConfig(rank=4, lora_alpha=alpha).effective_lora_alpha, dropout=0.0)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
@@ -409,7 +549,7 @@ def comfyui_accepted_prefixes(unet: torch.nn.Module) -> set[str]:
 
 def test_kohya_keys_are_the_ones_comfyui_expects():
     unet = lora_unet(alpha=8)
-    kohya = export.to_kohya(train.unet_lora_state_dict(unet), alpha=8)
+    kohya = export.to_kohya(StableDiffusionFamily.lora_state_dict(unet), alpha=8)
     lora_modules = {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}
     expected = {"lora_unet_" + n.replace(".", "_") for n in lora_modules}
     prefixes = {k.partition(".")[0] for k in kohya}
@@ -426,7 +566,7 @@ def test_kohya_keys_are_the_ones_comfyui_expects():
 
 def test_kohya_round_trip_to_diffusers_module_names():
     unet = lora_unet()
-    diffusers_keys = {f"unet.{k}": v for k, v in train.unet_lora_state_dict(unet).items()}  # as in the saved file
+    diffusers_keys = {f"unet.{k}": v for k, v in StableDiffusionFamily.lora_state_dict(unet).items()}  # as in the saved file
     tensors, alphas = export.from_kohya(export.to_kohya(diffusers_keys), unet)
     peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in diffusers_keys.items()}
     assert tensors.keys() == peft.keys()
@@ -446,7 +586,7 @@ def test_merging_kohya_like_comfyui_equals_the_peft_forward(alpha):
     with torch.no_grad():
         base = plain(x, 10, encoder_hidden_states=cond).sample
         expected = peft_unet(x, 10, encoder_hidden_states=cond).sample
-        kohya = export.to_kohya(train.unet_lora_state_dict(peft_unet), alpha=alpha)
+        kohya = export.to_kohya(StableDiffusionFamily.lora_state_dict(peft_unet), alpha=alpha)
         assert export.merge_kohya_lora(plain, kohya) == []  # no "lora key not loaded"
         merged = plain(x, 10, encoder_hidden_states=cond).sample
     assert (expected - base).abs().max() > 1e-3
@@ -494,18 +634,19 @@ def test_train_writes_checkpoints_curve_and_both_lora_files(sd_run):
     out, _, first, snapshot, resumed = sd_run
     assert first.global_step == 2 and resumed.global_step == 3
     rows = resumed.identity_log.rows
-    best_before_3 = max(rows[1:3], key=lambda r: r["identity_mean"])["checkpoint"]
+    best = max(rows[1:], key=lambda r: (r["identity_heldout"], -r["step"]))["checkpoint"]  # 1 of 3 images held out
     # --checkpoints_total_limit 2 pruned the oldest checkpoint that was not the best one
-    assert [p.name for p in train.list_checkpoints(out)] == sorted({best_before_3, "checkpoint-3"})
-    for folder in [out, *train.list_checkpoints(out)]:
+    kept = [p.name for _, p in runs.checkpoint_dirs(out)]
+    assert kept == (["checkpoint-1", "checkpoint-3"] if best == "checkpoint-1" else ["checkpoint-2", "checkpoint-3"])
+    assert not list(out.glob(".checkpoint-*"))  # no temporary folder left behind
+    for folder in [out, *(p for _, p in runs.checkpoint_dirs(out))]:
         assert (folder / "pytorch_lora_weights.safetensors").exists()
         assert (folder / "pytorch_lora_weights_kohya.safetensors").exists()
         assert not (folder / "model.safetensors").exists()  # the frozen UNet is never saved
     assert [(r["step"], r["checkpoint"]) for r in rows] == [(0, "base"), (1, "checkpoint-1"), (2, "checkpoint-2"),
                                                            (3, "checkpoint-3")]
-    assert all(-1 <= r["identity_mean"] <= 1 for r in rows)
-    best = json.loads((out / "best_checkpoint.json").read_text())
-    assert best["checkpoint"] == max(rows[1:], key=lambda r: r["identity_mean"])["checkpoint"]
+    assert all(-1 <= r[m] <= 1 for r in rows for m in ("identity_train", "identity_heldout", "meanpool_similarity"))
+    assert json.loads((out / "best_checkpoint.json").read_text())["checkpoint"] == best
     assert (out / "identity_curve.png").exists() and (out / "README.md").exists()
     assert sorted(p.name for p in (out / "validation").iterdir()) == [f"step-{s:06d}" for s in range(4)]
     with safe_open(str(out / "pytorch_lora_weights_kohya.safetensors"), "pt") as f:
@@ -552,7 +693,7 @@ def test_reward_only_training_improves_identity_on_a_fixed_seed(tmp_path, sd_dir
                                "--reward_weight", "1", "--denoising_loss_weight", "0", "--learning_rate", "1e-2",
                                "--reward_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "4",
                                "--validation_prompt", PROMPT, "--validation_num_inference_steps", "3"))
-    curve = [r["identity_mean"] for r in run.identity_log.rows]
+    curve = [r["identity_train"] for r in run.identity_log.rows]
     assert len(curve) == 2 and curve[1] > curve[0] + 5e-3, curve
 
 
@@ -562,7 +703,7 @@ def test_sdxl_with_prior_preservation_and_draft_reward(tmp_path, sdxl_dir, insta
                                "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
                                "--num_class_images", "2", "--reward_mode", "draft", "--draft_k", "1",
                                "--gradient_checkpointing", "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    assert run.models.model_type == "sdxl" and run.global_step == 2
+    assert run.family.name == "sdxl" and run.global_step == 2
     assert len(list(class_dir.glob("*.png"))) == 2
     assert {"denoising_loss", "prior_loss", "reward_loss"} <= run.logs.keys()
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)

@@ -17,12 +17,11 @@ from nearid_core import PreprocessConfig, load_model
 from nearid_core.data import MTGRecord, NearIDRecord, load_local_mtg, load_local_nearid
 from nearid_core.feature_cache import FeatureCache, HubImage, content_digest, open_ref, token_encoder
 from nearid_core.preprocessing import load_image, pil_to_tensor, preprocess
+from nearid_core.runs import checkpoint_dirs, latest_checkpoint
 from nearid_core.synthetic import write_dataset, write_mtg
 from nearid_core.train import (
     HeadModule,
     batch_loss,
-    checkpoint_dirs,
-    latest_checkpoint,
     load_checkpoint,
     main,
     parse_args,

@@ -30,7 +30,7 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..preprocessing import ImageInput, iter_images, load_image, preprocess_images
+from ..preprocessing import ImageInput, iter_images, load_image
 from ..scorer import DEFAULT_MODEL, NearIDScorer, default_device, default_dtype
 
 logger = logging.getLogger(__name__)
@@ -84,17 +84,7 @@ class ScorerEmbedder:
 
     @torch.inference_mode()
     def embed(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
-        if self.readout == "map":
-            return self.scorer.embed(list(images), batch_size=batch_size, progress=progress)
-        scorer = self.scorer
-        out = []
-        for batch in tqdm(_batched(list(images), batch_size), desc="embed", disable=not progress):
-            tensors = [im.to(scorer.device) for im in iter_images(batch)]
-            pixels = preprocess_images(tensors, scorer.preprocess_config).to(scorer.dtype)
-            out.append(scorer.model.encode_tokens(pixels).float().mean(dim=1))
-        if not out:
-            return torch.empty(0, scorer.model.config.vision_config.hidden_size, device=scorer.device)
-        return F.normalize(torch.cat(out), dim=-1)
+        return self.scorer.embed(list(images), batch_size=batch_size, progress=progress, readout=self.readout)
 
 
 def _to_pil(item: ImageInput) -> list[Image.Image]:
