@@ -1,8 +1,23 @@
 """Command-line flags of `reward_finetune.train`, as a dataclass, and their cross-flag validation.
 
-The flag names follow diffusers' `train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py` (same spelling, same
-defaults where they exist); the reward flags are new and prefixed `--reward_`. `parse_args` validates every flag
-combination before anything is loaded (no model, no dataset, no accelerator), so a mistyped run fails in a second.
+The flag names follow diffusers' `train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py` (same spelling and
+meaning); the reward flags are new and prefixed `--reward_`, `--refl_`, `--draft_`. `parse_args` validates every flag
+combination before any model is loaded, so a mistyped run fails at once.
+
+Defaults that differ from those scripts (SD script / SDXL script), chosen for reward training on one GPU:
+
+| flag | here | diffusers |
+|---|---|---|
+| `--train_batch_size` | 1 | 4 |
+| `--learning_rate` | 1e-4 | 5e-4 / 1e-4 |
+| `--lr_warmup_steps` | 0 | 500 |
+| `--max_train_steps` / `--num_train_epochs` | 500 steps when neither is given | 1 epoch |
+| `--adam_weight_decay` | 1e-2 | 1e-2 / 1e-4 |
+| `--validation_epochs` | unset: validate at checkpoints | 50 |
+| `--report_to` | auto (the installed trackers) | tensorboard |
+
+The same: rank 4, constant schedule, `--lr_num_cycles` 1, `--lr_power` 1, resolution 512 (SD) / 1024 (SDXL),
+`--checkpointing_steps` 500, Adam betas / epsilon, `--max_grad_norm` 1, 4 validation images.
 """
 
 from __future__ import annotations

@@ -712,3 +712,133 @@ def test_sdxl_with_prior_preservation_and_draft_reward(tmp_path, sdxl_dir, insta
     assert (generate(pipe) - base).abs().max() > 0
     kohya = load_file(str(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors"))
     assert {k.partition(".")[0] for k in kohya} <= comfyui_accepted_prefixes(pipe.unet)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training step: each sampler reaches the LoRA, the ratio weighting, the control differs only by the reward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_run(sd_dir, instance_dir, release_dir, output_dir, *extra):
+    return train.setup_run(parse_args(base_args(sd_dir, instance_dir, release_dir, output_dir, *extra)))
+
+
+def lora_grads(run) -> list[torch.Tensor]:
+    return [p.grad for n, p in run.model.named_parameters() if "lora_B" in n]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--reward_mode", "refl", "--reward_eta", "1.0"],
+    ["--reward_mode", "draft", "--draft_k", "3", "--draft_k_distribution", "uniform"],
+    ["--reward_mode", "draft", "--draft_k", "2", "--draft_k_distribution", "gaussian", "--reward_eta", "0.5"],
+    ["--reward_mode", "draft_lv", "--draft_lv_n", "2", "--reward_guidance_scale", "2"],
+], ids=["refl-eta", "alignprop-uniform", "alignprop-gaussian-eta", "draft-lv-cfg"])
+def test_every_reward_sampler_reaches_the_lora(tmp_path, sd_dir, instance_dir, release_dir, flags):
+    run = tiny_run(sd_dir, instance_dir, release_dir, tmp_path, *flags)
+    with torch.no_grad():  # LoRA B starts at zero: make it non-zero so that A gets gradients too
+        for n, p in run.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    losses, logs = train.reward_loss(run, train.step_generator(0, 0, stream=train.REWARD_STREAM))
+    expected = 2 * run.config.reward_batch_size if "draft_lv" in flags else run.config.reward_batch_size
+    assert losses.shape == (expected,) and 0 <= logs["identity"] <= 1 + 1e-6
+    losses.mean().backward()
+    grads = [p.grad for p in run.trainable]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("target", [0.5, 2.0])
+def test_ratio_weighting_sets_the_gradient_norm_ratio(tmp_path, sd_dir, instance_dir, release_dir, target):
+    run = tiny_run(sd_dir, instance_dir, release_dir, tmp_path, "--reward_weight", str(target))
+    assert run.config.reward_mode == "refl" and run.config.reward_weighting == "ratio"  # the defaults
+    logs = train.training_step(run)
+    # the first step's estimate is that step's ratio, so the achieved ratio is the target exactly
+    assert logs["reward_grad_ratio"] == pytest.approx(target, rel=1e-5)
+    assert logs["reward_weight"] == pytest.approx(target * logs["grad_norm/denoising"] / logs["grad_norm/reward"])
+    assert {"denoising_loss", "reward_loss", "identity"} <= logs.keys()
+
+
+def test_control_and_reward_runs_differ_only_by_the_reward(tmp_path, sd_dir, instance_dir, release_dir, monkeypatch):
+    """A reward run whose reward has zero gradient trains bit-identically to the --reward_mode none control: the
+    denoising batches, noise and timesteps do not depend on the reward (separate random streams)."""
+    control = tiny_run(sd_dir, instance_dir, release_dir, tmp_path / "none", "--reward_mode", "none")
+    real_call = NearIDReward.__call__
+    monkeypatch.setattr(NearIDReward, "__call__", lambda self, images, input_range="-1,1":
+                        real_call(self, images, input_range) * 0.0)
+    reward = tiny_run(sd_dir, instance_dir, release_dir, tmp_path / "refl", "--reward_mode", "refl")
+    for run in (control, reward):
+        for _ in range(2):
+            run.logs = train.training_step(run)
+            run.global_step += 1
+    assert "reward_loss" in reward.logs and "reward_loss" not in control.logs
+    assert reward.logs["denoising_loss"] == control.logs["denoising_loss"]
+    for a, b in zip(control.trainable, reward.trainable):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_logs_the_mean_of_the_micro_batches(tmp_path, sd_dir, instance_dir, release_dir,
+                                                                  monkeypatch):
+    run = tiny_run(sd_dir, instance_dir, release_dir, tmp_path, "--reward_mode", "none",
+                   "--gradient_accumulation_steps", "2")
+    seen = []
+    real = train.denoising_loss
+
+    def recording(run_, generator):
+        loss, parts = real(run_, generator)
+        seen.append(parts["denoising_loss"])
+        return loss, parts
+
+    monkeypatch.setattr(train, "denoising_loss", recording)
+    logs = train.training_step(run)
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert logs["denoising_loss"] == pytest.approx(sum(seen) / 2)
+
+
+def test_a_crash_during_a_checkpoint_save_leaves_no_checkpoint(tmp_path, sd_dir, instance_dir, release_dir,
+                                                               monkeypatch):
+    run = tiny_run(sd_dir, instance_dir, release_dir, tmp_path, "--reward_mode", "none")
+    run.global_step = 1
+    assert train.save_checkpoint(run).name == "checkpoint-1"
+    run.global_step = 2
+    real_save = run.accelerator.save_state
+
+    def dies_half_way(path):
+        real_save(path)  # everything written ... and then the process is killed before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.accelerator, "save_state", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(run)
+    assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [1]
+    assert runs.resolve_resume(tmp_path, "latest").name == "checkpoint-1"
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and "reward_weighting" in state
+
+
+def test_training_length_counts_epochs_like_diffusers():
+    c = TrainConfig(train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=3)
+    assert train.training_length(c, num_examples=9) == (3 * 3, 3)  # ceil(ceil(9 / 2) / 2) = 3 steps per epoch
+    assert train.training_length(TrainConfig(max_train_steps=7, num_train_epochs=3), 9) == (7, 9)
+    assert train.training_length(TrainConfig(), 4)[0] == 500
+
+
+def test_family_default_resolution(tmp_path, sdxl_dir, instance_dir, release_dir):
+    args = base_args(sdxl_dir, instance_dir, release_dir, tmp_path)
+    i = args.index("--resolution")
+    run = train.setup_run(parse_args(args[:i] + args[i + 2:] + ["--reward_mode", "none"]))
+    assert run.resolution == 1024 and run.family.name == "sdxl"
+
+
+def test_pyproject_pins_the_diffusers_the_lora_export_needs():
+    import inspect
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    reward = {Requirement(r).name: Requirement(r) for r in project["project"]["optional-dependencies"]["reward"]}
+    assert "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+    assert not reward["diffusers"].specifier.contains(Version("0.33.1"))  # 0.34 added unet_lora_adapter_metadata
+    assert "reward_finetune.families" in project["tool"]["setuptools"]["packages"]
