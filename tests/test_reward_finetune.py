@@ -842,3 +842,17 @@ def test_pyproject_pins_the_diffusers_the_lora_export_needs():
     assert "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
     assert not reward["diffusers"].specifier.contains(Version("0.33.1"))  # 0.34 added unet_lora_adapter_metadata
     assert "reward_finetune.families" in project["tool"]["setuptools"]["packages"]
+
+
+def test_default_report_to_works_as_installed(monkeypatch):
+    monkeypatch.setattr(runs, "_installed", lambda module: False)  # a fresh [reward] install: no tracker package
+    assert TrainConfig().report_to == "auto" and runs.available_trackers("auto") == []
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        runs.available_trackers("tensorboard")
+
+
+def test_precomputed_references_must_be_finite(scorer, rgb_images):
+    refs = scorer.embed(rgb_images[:2])
+    refs[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        NearIDReward(scorer, refs)
