@@ -621,5 +621,14 @@ def main(argv: Sequence[str] | None = None) -> Run:
     return train(config)
 
 
+def _entry() -> None:
+    """The command line: a user's mistake (bad flags, an unsupported or missing pipeline) is one message, exit 2."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m reward_finetune.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _entry()

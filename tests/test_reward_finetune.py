@@ -917,3 +917,12 @@ def test_default_reward_raises_identity_over_the_dreambooth_control(tmp_path, fa
     # for this one, about +0.1 for another, about 0 for `tiny_unet()`), so it is held to a positive gain only.
     floor = 0.03 if family == "sdxl" else 0.01
     assert all(g >= floor for mode_gains in gains.values() for g in mode_gains.values()), gains
+
+
+def test_command_line_mistakes_are_one_message_not_a_traceback(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    out = subprocess.run([sys.executable, "-m", "reward_finetune.train", "--pretrained_model_name_or_path",
+                          str(tmp_path), "--instance_data_dir", str(tmp_path), "--instance_prompt", PROMPT,
+                          "--report_to", "none", "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "FluxPipeline" in out.stderr and "StableDiffusionXLPipeline" in out.stderr
