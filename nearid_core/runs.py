@@ -36,7 +36,7 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_dirs(output_dir: str | os.PathLike, marker: str = CHECKPOINT_MARKER) -> list[tuple[int, Path]]:
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints in `output_dir` as (step, path), oldest first (temporary and partial folders ignored)."""
     root = Path(output_dir)
     if not root.is_dir():
@@ -44,17 +44,17 @@ def checkpoint_dirs(output_dir: str | os.PathLike, marker: str = CHECKPOINT_MARK
     found = []
     for p in root.iterdir():
         m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / marker).is_file():
+        if m and p.is_dir() and (p / CHECKPOINT_MARKER).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike, marker: str = CHECKPOINT_MARKER) -> Path | None:
-    found = checkpoint_dirs(output_dir, marker)
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = checkpoint_dirs(output_dir)
     return found[-1][1] if found else None
 
 
-def resolve_resume(output_dir: str | os.PathLike, resume: str | None, marker: str = CHECKPOINT_MARKER) -> Path | None:
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
     """The checkpoint to resume from: `latest` -> newest complete one in `output_dir` (None if there is none yet);
     otherwise the folder as given, or of that name under `output_dir`.
 
@@ -64,25 +64,25 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None, marker: st
     if not resume:
         return None
     if resume == "latest":
-        path = latest_checkpoint(output_dir, marker)
+        path = latest_checkpoint(output_dir)
         if path is None:
             logger.info("resume latest: no checkpoint in %s yet, starting a new run", output_dir)
         return path
     path = Path(resume)
     if not path.is_dir() and (Path(output_dir) / path.name).is_dir():
         path = Path(output_dir) / path.name
-    if not (path / marker).is_file():
-        raise FileNotFoundError(f"{resume} is not a complete training checkpoint (no {marker}; looked at {path}).")
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise FileNotFoundError(f"{resume} is not a complete training checkpoint (no {CHECKPOINT_MARKER}; looked at "
+                                f"{path}).")
     return path
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, protect: Sequence[str] = (),
-                      marker: str = CHECKPOINT_MARKER) -> list[Path]:
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, protect: Sequence[str] = ()) -> list[Path]:
     """Delete the oldest checkpoints until at most `total_limit` remain; folders named in `protect` (e.g. the best
     checkpoint) are never deleted, even if that keeps one more than the limit. Returns the deleted folders."""
     if total_limit is None:
         return []
-    found = [p for _, p in checkpoint_dirs(output_dir, marker)]
+    found = [p for _, p in checkpoint_dirs(output_dir)]
     removed = []
     for path in found:
         if len(found) - len(removed) <= total_limit:
@@ -96,23 +96,29 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, pr
     return removed
 
 
+def checkpoint_folder(output_dir: str | os.PathLike, step: int, temporary: bool = False) -> Path:
+    """`checkpoint-<step>` in `output_dir`, or the hidden folder it is written in before `commit_checkpoint`."""
+    name = f"{CHECKPOINT_PREFIX}{step}"
+    return Path(output_dir) / (f".{name}.tmp" if temporary else name)
+
+
 def begin_checkpoint(output_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh, empty hidden folder to write checkpoint `step` into (the same name on every process)."""
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    """A fresh, empty `checkpoint_folder(output_dir, step, temporary=True)` to write checkpoint `step` into (the same
+    name on every process)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint_folder(output_dir, step, temporary=True)
     if tmp.exists():  # left by a crash
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 
 
-def commit_checkpoint(tmp: str | os.PathLike, marker: str = CHECKPOINT_MARKER) -> Path:
-    """Sync every file of a folder from `begin_checkpoint` (which must hold `marker`, written last) and rename it to
-    `checkpoint-<step>`, replacing an existing checkpoint of the same step. Returns the final folder."""
+def commit_checkpoint(tmp: str | os.PathLike) -> Path:
+    """Sync every file of a folder from `begin_checkpoint` (which must hold `CHECKPOINT_MARKER`, written last) and
+    rename it to `checkpoint-<step>`, replacing an existing checkpoint of the same step. Returns the final folder."""
     tmp = Path(tmp)
-    if not (tmp / marker).is_file():
-        raise FileNotFoundError(f"{tmp} has no {marker}: write it last, after everything else.")
+    if not (tmp / CHECKPOINT_MARKER).is_file():
+        raise FileNotFoundError(f"{tmp} has no {CHECKPOINT_MARKER}: write it last, after everything else.")
     root = tmp.parent
     final = root / tmp.name[1:].removesuffix(".tmp")
     for f in tmp.rglob("*"):

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nearid_core.runs import available_trackers
+from nearid_core.runs import available_trackers, resolve_resume
 from nearid_core.scorer import DEFAULT_MODEL, REDUCTIONS
 
 from .families import FAMILIES
@@ -369,13 +368,11 @@ def _check_paths(c: TrainConfig) -> None:
         raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog').")
     if not c.instance_data_dir or not Path(c.instance_data_dir).is_dir():
         raise ValueError(f"--instance_data_dir {c.instance_data_dir!r} is not a directory of subject images.")
-    resume = c.resume_from_checkpoint
-    if resume is not None and resume != "latest":
-        if not (Path(resume).is_dir() or (Path(c.output_dir) / os.path.basename(resume)).is_dir()):
-            raise ValueError(
-                f"--resume_from_checkpoint {resume!r}: no such checkpoint folder (looked at {resume} and "
-                f"{Path(c.output_dir) / os.path.basename(resume)}); pass a checkpoint-{{step}} folder or 'latest'."
-            )
+    if c.resume_from_checkpoint not in (None, "latest"):
+        try:
+            resolve_resume(c.output_dir, c.resume_from_checkpoint)
+        except FileNotFoundError as err:
+            raise ValueError(f"--resume_from_checkpoint: {err} Pass a checkpoint-{{step}} folder or 'latest'.") from err
 
 
 def _check_prior_preservation(c: TrainConfig) -> None:

@@ -216,7 +216,6 @@ def save_kohya_lora(
 
 def write_model_card(
     output_dir: str | os.PathLike,
-    base_model: str,
     family: str,
     config,
     identity_rows: Iterable[Mapping[str, object]] = (),
@@ -228,6 +227,7 @@ def write_model_card(
     `TrainConfig`."""
     rows = list(identity_rows)
     c = config
+    base_model = c.pretrained_model_name_or_path
     if c.reward_mode == "none":
         reward = "none (plain DreamBooth LoRA)"
     else:

@@ -52,6 +52,7 @@ from nearid_core.runs import (
     CHECKPOINT_MARKER,
     available_trackers,
     begin_checkpoint,
+    checkpoint_folder,
     commit_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -469,14 +470,14 @@ def training_step(run: Run) -> dict:
 def save_checkpoint(run: Run) -> Path:
     """`accelerator.save_state` on every process into a temporary folder, renamed to `checkpoint-{step}` once the
     LoRA, optimizer, scheduler, RNG and `trainer_state.json` are all written (nearid_core.runs)."""
-    acc, out = run.accelerator, Path(run.config.output_dir)
-    tmp = out / f".checkpoint-{run.global_step}.tmp"
+    acc, out = run.accelerator, run.config.output_dir
+    tmp = checkpoint_folder(out, run.global_step, temporary=True)
     if acc.is_main_process:
-        tmp = begin_checkpoint(out, run.global_step)
+        begin_checkpoint(out, run.global_step)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
-    final = out / f"checkpoint-{run.global_step}"
+    final = checkpoint_folder(out, run.global_step)
     if acc.is_main_process:
         state = {"global_step": run.global_step, "reward_weighting": run.weighting.state_dict()}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state, indent=1))
@@ -566,7 +567,7 @@ def finish(run: Run, validated_at_last_step: bool) -> None:
                              metadata={"ss_sd_model_name": c.pretrained_model_name_or_path})
         if not validated_at_last_step:
             validate(run, "final")
-        write_model_card(c.output_dir, c.pretrained_model_name_or_path, run.family.name, c, run.identity_log.rows,
+        write_model_card(c.output_dir, run.family.name, c, run.identity_log.rows,
                          run.identity_log.best(), run.identity_log.selection_metric)
     acc.end_training()
 

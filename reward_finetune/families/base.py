@@ -23,11 +23,6 @@ class Conditioning:
 
     kwargs: dict[str, torch.Tensor | dict[str, torch.Tensor]]
 
-    @property
-    def batch_size(self) -> int:
-        first = next(iter(self.kwargs.values()))
-        return int(next(iter(first.values())).shape[0] if isinstance(first, dict) else first.shape[0])
-
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
         """Concatenate along the batch (e.g. [uncond, cond] for classifier-free guidance)."""
