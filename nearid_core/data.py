@@ -49,6 +49,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from . import preprocessing
 from .preprocessing import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,10 @@ class MTGRecord:
 
 
 def open_image(ref: ImageRef, mode: str = "RGB") -> Image.Image:
-    """Open an image reference (path or PIL image) converted to ``mode``; paths are read fully and closed."""
-    if isinstance(ref, Image.Image):
-        return ref if ref.mode == mode else ref.convert(mode)
-    with Image.open(ref) as img:
-        return img.convert(mode)
+    """Open an image reference (path or PIL image) as displayed, converted to ``mode`` (RGB as the scorer reads it:
+    16-bit images scaled, not clipped; see `nearid_core.preprocessing.to_rgb`)."""
+    img = ref if isinstance(ref, Image.Image) else preprocessing.open_image(ref)
+    return preprocessing.to_rgb(img) if mode == "RGB" else preprocessing.upright(img).convert(mode)
 
 
 def mask_array(ref: ImageRef | None) -> np.ndarray | None:

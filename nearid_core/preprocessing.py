@@ -16,10 +16,12 @@ Accepted image inputs (alone or in a list, mixed freely):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 # PIL resampling codes used in preprocessor_config.json -> torch interpolation modes.
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _RANGE_TOLERANCE = 1e-3
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageInputError(ValueError):
@@ -171,32 +174,144 @@ def _bicubic_taps(src: int, dst: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file."""
+LAYOUTS = ("channels_last", "channels_first")
+"""Stated layouts of image arrays and tensors: ``channels_last`` = [B, H, W, C] / [H, W, C] (ComfyUI IMAGE, numpy,
+PIL), ``channels_first`` = [B, C, H, W] / [C, H, W] (torch convention)."""
+
+HUGE_IMAGE_PIXELS = 89_478_485
+"""Images with more pixels (PIL's default decompression-bomb warning threshold) are decoded at reduced size, about
+22 MP: the model sees a few hundred pixels, and a full-size float copy of a 400 MP image would take about 5 GB. Smaller
+images are decoded exactly as the reference does."""
+
+
+def check_layout(layout: str | None) -> None:
+    """Raise a clear error for a layout that is not None or one of `LAYOUTS`."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ImageInputError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None; got {layout!r}.")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and decode an image file as it is displayed (EXIF orientation applied), in its own mode.
+
+    Errors name the file. Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
+    with a message saying how to allow them; allowed huge images are decoded at reduced size.
+    """
+    if os.path.islink(path) and not os.path.exists(path):
+        target = os.readlink(path)
+        problem = "is part of a symlink loop" if _is_link_loop(path) else f"is a broken symlink (to {target})"
+        raise ImageInputError(f"Image file {path} {problem}; point it at a real image file.")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge images are reduced below
+            img = Image.open(path)
+        with img:
+            return upright(_decode(img))
+    except Image.DecompressionBombError as err:
+        raise ImageInputError(
+            f"Image file {path} is larger than PIL's decompression-bomb limit ({err}). If you trust the file, allow "
+            "it with `nearid ... --allow-large-images` (Python: `PIL.Image.MAX_IMAGE_PIXELS = None`); it is then "
+            "decoded at reduced size. Or downscale it first."
+        ) from err
     except FileNotFoundError as err:
         raise ImageInputError(f"Image file not found: {path}") from err
-    except (UnidentifiedImageError, OSError) as err:
+    except IsADirectoryError as err:
+        raise ImageInputError(f"{path} is a directory, not an image file.") from err
+    except PermissionError as err:
+        raise ImageInputError(f"Cannot read image file {path}: permission denied.") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageInputError(f"Cannot read image file {path}: {err}") from err
 
 
+def _is_link_loop(path: str | os.PathLike) -> bool:
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    """Decode an opened image; one over `HUGE_IMAGE_PIXELS` is decoded at reduced size (JPEG ``draft``, then an
+    integer box ``reduce``) to about a quarter of that."""
+    target = HUGE_IMAGE_PIXELS // 4
+    factor = math.sqrt(img.width * img.height / target)
+    if factor > 2:
+        img.draft("RGB", (math.ceil(img.width / factor), math.ceil(img.height / factor)))  # a no-op but for JPEG
+    img.load()
+    factor = math.ceil(math.sqrt(img.width * img.height / target))
+    if img.width * img.height <= HUGE_IMAGE_PIXELS or factor < 2:
+        return img
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I", "F", "CMYK"):
+        img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+    return img.reduce(factor)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` as viewers display it: rotated / mirrored by its EXIF orientation tag (a copy), or `img` itself."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as an 8-bit RGB PIL image, as displayed (see `open_image` and `to_rgb`)."""
+    return to_rgb(open_image(path))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB with EXIF orientation applied. Like the reference's ``.convert("RGB")`` (alpha
+    dropped), except that 16-bit images are scaled from their full range instead of clipped to white."""
+    img = upright(img)
+    if img.mode == "RGB":
+        return img
+    if _is_wide(img):
+        arr = (pil_to_tensor(img).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "RGB")
+    return img.convert("RGB")
+
+
+def _is_wide(img: Image.Image) -> bool:
+    return img.mode.startswith("I") or img.mode == "F"
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image of any mode -> [3, H, W] float32 in 0..1 (mode conversion as the reference: `.convert("RGB")`)."""
-    if img.mode == "I;16" or img.mode.startswith("I;16"):
-        # PIL's I;16 -> RGB conversion clips at 255; scale the 16-bit range like numpy uint16 input instead.
+    """PIL image of any mode -> [3, H, W] float32 in 0..1, as displayed (EXIF orientation applied).
+
+    8-bit modes convert like the reference (``.convert("RGB")``, alpha dropped). 16-bit modes (``I;16*``) map
+    0..65535 onto 0..1, like numpy uint16 input. Mode ``I`` follows PIL's 0..255 scale and mode ``F`` has no defined
+    range, so values outside 0..255 (``I``) or any ``F`` image raise `ImageInputError` rather than being clipped.
+    """
+    img = upright(img)
+    if img.mode.startswith("I;16"):
         arr = np.asarray(img, dtype=np.float32) / 65535.0
-        return torch.from_numpy(np.repeat(arr[None], 3, axis=0).copy())
-    rgb = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+    elif img.mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ImageInputError(
+                f"PIL image of mode 'I' has values in [{arr.min():.0f}, {arr.max():.0f}]; mode 'I' is read on PIL's "
+                "0..255 scale. Pass 16-bit data as a numpy uint16 array (0..65535) or a mode 'I;16' image."
+            )
+        arr = arr / 255.0
+    elif img.mode == "F":
+        raise ImageInputError(
+            "PIL image of mode 'F' (32-bit float) has no defined value range; pass a numpy float array in 0..1."
+        )
+    else:
+        rgb = np.asarray(img.convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.repeat(arr[None], 3, axis=0).copy())
 
 
-def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
+def _array_to_tensor(arr: np.ndarray, name: str, layout: str | None) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    elif arr.ndim == 3 and layout == "channels_first":
+        arr = arr.transpose(1, 2, 0)
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageInputError(f"{name}: numpy images must be HxW or HxWxC with C in (1, 3, 4); got shape {arr.shape}.")
+        hint = " (for [C, H, W] arrays pass layout='channels_first')" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ImageInputError(
+            f"{name}: numpy images must be HxW or HxWxC with C in (1, 3, 4); got shape {arr.shape}{hint}."
+        )
     if arr.dtype == np.uint8:
         x = torch.from_numpy(arr.astype(np.float32) / 255.0)
     elif arr.dtype == np.uint16:
@@ -229,7 +344,31 @@ def _to_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _tensor_images(t: torch.Tensor, name: str) -> Iterator[torch.Tensor]:
+def tensor_layout(shape: Sequence[int], name: str = "image") -> str:
+    """The layout of an image tensor of `shape` ([B, ., ., .] or [., ., .]) when only one reading is possible.
+
+    Raises:
+        ImageInputError: neither reading fits, or both do (e.g. [1, 3, 64, 3]); the message names both readings.
+    """
+    shape = tuple(shape)
+    first, last = shape[-3] in (1, 3, 4), shape[-1] in (1, 3, 4)
+    if first and last:
+        h_last, w_last, c_last = shape[-3:]
+        c_first, h_first, w_first = shape[-3:]
+        raise ImageInputError(
+            f"{name}: the tensor shape {shape} is ambiguous: channels_last reads {h_last}x{w_last} images with "
+            f"{c_last} channels, channels_first reads {h_first}x{w_first} images with {c_first} channels. State it: "
+            "layout='channels_last' (ComfyUI IMAGE [B, H, W, C]) or layout='channels_first' ([B, C, H, W])."
+        )
+    if not (first or last):
+        raise ImageInputError(
+            f"{name}: cannot find a channel axis of size 1, 3 or 4 in a tensor of shape {shape}; image tensors are "
+            "[B, H, W, C] (ComfyUI IMAGE) or [B, C, H, W]."
+        )
+    return "channels_last" if last else "channels_first"
+
+
+def _tensor_images(t: torch.Tensor, name: str, layout: str | None) -> Iterator[torch.Tensor]:
     if t.dtype not in (torch.uint8,) and not t.is_floating_point():
         raise ImageInputError(f"{name}: tensor dtype {t.dtype} is not supported; use float in 0..1 or uint8.")
     if t.ndim == 3:
@@ -239,32 +378,43 @@ def _tensor_images(t: torch.Tensor, name: str) -> Iterator[torch.Tensor]:
             f"{name}: image tensors must be [B, H, W, C] (ComfyUI IMAGE) or [B, 3, H, W]; got shape {tuple(t.shape)}. "
             "A 2-D tensor is read as precomputed embeddings where embeddings are accepted."
         )
-    channels_last = t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3)
-    if channels_last:
+    layout = layout or tensor_layout(t.shape, name)
+    channels = t.shape[-1] if layout == "channels_last" else t.shape[1]
+    if channels not in (1, 3, 4):
+        raise ImageInputError(
+            f"{name}: read as {layout}, a tensor of shape {tuple(t.shape)} has {channels} channels; expected 1, 3 or 4 "
+            "(is the layout right?)."
+        )
+    if layout == "channels_last":
         t = t.movedim(-1, 1)
-    elif t.shape[1] not in (1, 3, 4):
-        raise ImageInputError(f"{name}: cannot tell the channel axis of a tensor of shape {tuple(t.shape)}.")
     for i in range(t.shape[0]):
         yield _to_rgb(t[i], f"{name}[{i}]")
 
 
-def iter_images(images: Images) -> Iterator[torch.Tensor]:
-    """Yield every image of `images` as a [3, H, W] float tensor in 0..1 (files are opened lazily)."""
+def iter_images(images: Images, layout: str | None = None) -> Iterator[torch.Tensor]:
+    """Yield every image of `images` as a [3, H, W] float tensor in 0..1 (files are opened lazily).
+
+    Args:
+        layout: how arrays and tensors are laid out, "channels_last" or "channels_first"; None = numpy arrays are
+            channels-last and tensors are read by shape, where a shape that fits both layouts is an error.
+    """
+    check_layout(layout)
     items = images if isinstance(images, (list, tuple)) else [images]
     for index, item in enumerate(items):
         name = f"image {index}"
         if isinstance(item, (str, os.PathLike)):
-            yield pil_to_tensor(load_image(item))
+            yield pil_to_tensor(open_image(item))
         elif isinstance(item, Image.Image):
             yield pil_to_tensor(item)
         elif isinstance(item, np.ndarray):
             if item.ndim == 4:
-                for j in range(item.shape[0]):
-                    yield _array_to_tensor(item[j], f"{name}[{j}]")
+                batch = item if layout != "channels_first" else item.transpose(0, 2, 3, 1)
+                for j in range(batch.shape[0]):
+                    yield _array_to_tensor(batch[j], f"{name}[{j}]", None)
             else:
-                yield _array_to_tensor(item, name)
+                yield _array_to_tensor(item, name, layout)
         elif isinstance(item, torch.Tensor):
-            yield from _tensor_images(item, name)
+            yield from _tensor_images(item, name, layout)
         else:
             raise ImageInputError(
                 f"{name}: unsupported input type {type(item).__name__}; pass file paths, PIL images, numpy arrays "

@@ -125,20 +125,21 @@ class NearIDScorer:
 
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _batches(self, images: Images, batch_size: int, progress: bool | None, desc: str) -> Iterator[list[torch.Tensor]]:
+    def _batches(self, images: Images, batch_size: int, progress: bool | None, desc: str,
+                 layout: str | None = None) -> Iterator[list[torch.Tensor]]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         total = len(images) if isinstance(images, (list, tuple)) else None
         show = progress if progress is not None else (total is not None and total > 4 * batch_size)
-        stream = iter_images(images)
+        stream = iter_images(images, layout)
         with tqdm(total=total, desc=desc, unit="img", disable=not show) as bar:
             while batch := list(islice(stream, batch_size)):
                 yield batch
                 bar.update(len(batch))
 
-    def pixel_values(self, images: Images) -> torch.Tensor:
+    def pixel_values(self, images: Images, layout: str | None = None) -> torch.Tensor:
         """Model input [N, 3, h, w] on the scorer's device and dtype (differentiable w.r.t. float tensor inputs)."""
-        return self._model_input(list(iter_images(images)))
+        return self._model_input(list(iter_images(images, layout)))
 
     def _model_input(self, batch: list[torch.Tensor]) -> torch.Tensor:
         """[3, H, W] images in 0..1 (as `iter_images` yields them) -> preprocessed [N, 3, h, w] in the model dtype."""
@@ -156,7 +157,7 @@ class NearIDScorer:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}; got {readout!r}.")
 
     def embed(self, images: Images, batch_size: int = 16, progress: bool | None = None,
-              readout: str = "map") -> torch.Tensor:
+              readout: str = "map", layout: str | None = None) -> torch.Tensor:
         """Images -> L2-normalised embeddings [N, D] (float32, on the scorer's device).
 
         Gradients flow to float tensor inputs that require grad (the weights are frozen); wrap the call in
@@ -165,10 +166,12 @@ class NearIDScorer:
         Args:
             readout: "map" = the NearID embedding (the MAP head); "mean" = the mean of the trunk's patch tokens
                 (head skipped: the `siglip2-mean` baseline's readout, a similarity NearID's head was not trained for).
+            layout: "channels_last" ([B, H, W, C], ComfyUI IMAGE) or "channels_first" ([B, C, H, W]) for arrays and
+                tensors; None reads tensors by shape and refuses shapes that fit both (see `iter_images`).
         """
         self._check_readout(readout)
         out = []
-        for batch in self._batches(images, batch_size, progress, "embed"):
+        for batch in self._batches(images, batch_size, progress, "embed", layout):
             out.append(self._features(self._model_input(batch), readout))
         if not out:
             width = self.embed_dim if readout == "map" else self.model.config.vision_config.hidden_size
@@ -198,7 +201,7 @@ class NearIDScorer:
         features = self._features(x, readout)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def as_embeddings(self, x: Images | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    def as_embeddings(self, x: Images | torch.Tensor, batch_size: int = 16, layout: str | None = None) -> torch.Tensor:
         """Images or precomputed embeddings -> L2-normalised embeddings [N, D] float32 on the scorer's device.
 
         A 2-D tensor is read as precomputed embeddings [N, D] and re-normalised; anything else is embedded.
@@ -215,11 +218,12 @@ class NearIDScorer:
             if not torch.isfinite(x).all():
                 raise ValueError("Precomputed embeddings contain NaN or infinite values; re-embed those images.")
             return F.normalize(x.to(self.device).float(), dim=-1)
-        return self.embed(x, batch_size=batch_size)
+        return self.embed(x, batch_size=batch_size, layout=layout)
 
-    def similarity(self, a: Images | torch.Tensor, b: Images | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    def similarity(self, a: Images | torch.Tensor, b: Images | torch.Tensor, batch_size: int = 16,
+                   layout: str | None = None) -> torch.Tensor:
         """Cosine similarity matrix [len(a), len(b)] in [-1, 1] between images or precomputed embeddings."""
-        return self.as_embeddings(a, batch_size) @ self.as_embeddings(b, batch_size).T
+        return self.as_embeddings(a, batch_size, layout) @ self.as_embeddings(b, batch_size, layout).T
 
     def score(
         self,
@@ -227,6 +231,7 @@ class NearIDScorer:
         candidates: Images | torch.Tensor,
         reduce: str = "mean",
         batch_size: int = 16,
+        layout: str | None = None,
     ) -> torch.Tensor:
         """One identity score per candidate: Tensor[len(candidates)], cosine in [-1, 1].
 
@@ -235,13 +240,14 @@ class NearIDScorer:
             candidates: images (or embeddings) to score.
             reduce: over references: "mean" / "min" / "max" of the cosines, or "centroid" = cosine to the
                 normalised mean reference embedding.
+            layout: of array / tensor images, as in `embed`.
         """
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
-        refs = self.as_embeddings(references, batch_size)
+        refs = self.as_embeddings(references, batch_size, layout)
         if refs.shape[0] == 0:
             raise ValueError("references is empty: pass at least one reference image or embedding.")
-        cands = self.as_embeddings(candidates, batch_size)
+        cands = self.as_embeddings(candidates, batch_size, layout)
         if reduce == "centroid":
             return cands @ F.normalize(refs.mean(0), dim=-1)
         sims = cands @ refs.T
@@ -256,15 +262,17 @@ class NearIDScorer:
         top_k: int | None = None,
         reduce: str = "mean",
         batch_size: int = 16,
+        layout: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidates ordered best first: (indices [k], scores [k]); ties keep the input order."""
-        scores = self.score(references, candidates, reduce=reduce, batch_size=batch_size)
+        scores = self.score(references, candidates, reduce=reduce, batch_size=batch_size, layout=layout)
         order = torch.sort(scores, descending=True, stable=True).indices
         if top_k is not None:
             order = order[: max(top_k, 0)]
         return order, scores[order]
 
-    def attention_maps(self, images: Images, size: tuple[int, int] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def attention_maps(self, images: Images, size: tuple[int, int] | None = None,
+                       layout: str | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Where the MAP head reads identity from: the probe's attention over the patch grid, averaged over heads,
         upsampled to the image and scaled to 0..1 per image.
 
@@ -279,7 +287,7 @@ class NearIDScorer:
         covered = grid_h * vision.patch_size / vision.image_size  # the conv never sees the last rows/columns
         maps = []
         with torch.no_grad():
-            for batch in self._batches(images, 16, None, "attention"):
+            for batch in self._batches(images, 16, None, "attention", layout):
                 tokens = self.model.encode_tokens(self._model_input(batch))
                 _, attn = self.model.pool(tokens, output_attentions=True)
                 grids = attn.float().reshape(-1, 1, grid_h, grid_w).cpu()

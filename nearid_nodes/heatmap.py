@@ -70,7 +70,7 @@ class NearIDAttentionHeatmap:
         for start in range(0, n, size):
             comfy_env.check_interrupt()
             chunk = images[start:start + size]
-            out = scorer.attention_maps(chunk, size=(h, w))
+            out = scorer.attention_maps(chunk, size=(h, w), layout="channels_last")
             maps.append(out if isinstance(out, torch.Tensor) else torch.stack(out))
             pbar.update(int(chunk.shape[0]))
         attention = torch.cat(maps).float().cpu() if maps else torch.zeros((0, h, w))

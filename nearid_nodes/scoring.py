@@ -91,7 +91,7 @@ def _embed(handle: NearIDModelHandle, images: torch.Tensor, pbar) -> torch.Tenso
     for start in range(0, images.shape[0], size):
         comfy_env.check_interrupt()
         chunk = images[start:start + size]
-        out.append(scorer.embed(chunk, batch_size=size, progress=False))
+        out.append(scorer.embed(chunk, batch_size=size, progress=False, layout="channels_last"))
         pbar.update(int(chunk.shape[0]))
     if not out:
         return torch.empty(0, scorer.embed_dim, device=scorer.device)
