@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .configuration_nearid import NearIDConfig
 from .modeling_nearid import NearIDModel
+from .preprocessing import PreprocessConfig
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -44,6 +45,7 @@ CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]
 _HEAD_FORMAT = "nearid-head"
+_MAX_HEAD_CHAIN = 8  # head-only files naming head-only trunks: more links than this is a mistake
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -83,10 +85,12 @@ def resolve_checkpoint(
     if path.exists():
         return path
     name = str(name_or_path)
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) or name.startswith(".") or ".." in name:
         raise CheckpointNotFoundError(
-            f"Checkpoint path {name!r} does not exist and is not a hub id of the form 'owner/name'."
+            f"Checkpoint path {name!r} does not exist ({path.absolute()}) and is not a hub id of the form 'owner/name'."
         )
+    not_local = (f"  No local path {path.absolute()} exists either, so {name!r} was read as a hub id; if you meant "
+                 "a local directory, check the path (relative paths start from the current directory).\n")
     from huggingface_hub import snapshot_download
 
     try:
@@ -102,6 +106,7 @@ def resolve_checkpoint(
     except Exception as err:  # network errors, offline mode, missing repo, gated repo ... all mean the same here
         raise CheckpointNotFoundError(
             f"Could not download or find the model {name!r} ({type(err).__name__}: {err}).\n"
+            f"{not_local}"
             f"  Hub cache searched: {_hub_cache_dir(cache_dir)}\n"
             f"  If this machine is offline, download it elsewhere (`hf download {name} "
             f"--local-dir DIR`), copy DIR here and pass the directory instead of the id, "
@@ -111,15 +116,39 @@ def resolve_checkpoint(
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); restore the file from the checkpoint's source.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def load_preprocess_config(directory: str | os.PathLike, image_size: int | None = None) -> PreprocessConfig:
+    """The checkpoint's `preprocessor_config.json` as a `PreprocessConfig` (SigLIP defaults at `image_size`, with a
+    warning, when there is none).
+
+    Raises:
+        CheckpointError: the file is not valid JSON or holds fields SigLIP preprocessing cannot use; names the file.
+    """
+    path = Path(directory) / PREPROCESSOR_NAME
+    if not path.exists():
+        return PreprocessConfig.from_pretrained(directory, image_size)
+    try:
+        return PreprocessConfig.from_dict(_read_json(path))
+    except (ValueError, TypeError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a usable SigLIP preprocessor config: {err}") from err
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / WEIGHTS_INDEX_NAME
     if index.exists():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map' of tensor names to shard files.")
+        shards = sorted(set(map(str, weight_map.values())))
         files = [directory / s for s in shards]
     elif (directory / WEIGHTS_NAME).exists():
         files = [directory / WEIGHTS_NAME]
@@ -249,13 +278,25 @@ def _build(config: NearIDConfig, dtype: torch.dtype | None) -> NearIDModel:
     return model
 
 
-def _nearid_config_from(raw: dict, source: str) -> NearIDConfig:
+def _nearid_config_from(raw: dict, source: str, file: Path | None = None) -> NearIDConfig:
+    """A `NearIDConfig` from a checkpoint's config.json; inconsistent or malformed fields raise CheckpointError."""
+    try:
+        return _config_from_fields(raw, source)
+    except CheckpointError:
+        raise
+    except Exception as err:  # transformers / huggingface_hub config validation raise several unrelated types
+        raise CheckpointError(f"{file or source} holds an inconsistent or malformed config: {err}") from err
+
+
+def _config_from_fields(raw: dict, source: str) -> NearIDConfig:
     model_type = raw.get("model_type")
     if model_type == "nearid":
         fields = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type", "transformers_version")}
         return NearIDConfig(**fields)
     if model_type == "siglip":
         vision = raw.get("vision_config") or {}
+        if not isinstance(vision, dict):
+            raise CheckpointError(f"{source}: config.json's vision_config must be an object.")
     elif model_type == "siglip_vision_model":
         vision = raw
     else:
@@ -285,14 +326,37 @@ def load_model(
     Returns:
         (model in eval mode with every parameter frozen, the local directory holding the preprocessing config).
     """
+    return _load(name_or_path, dtype=dtype, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                 chain=())
+
+
+def _load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+    chain: tuple[Path, ...],
+) -> tuple[NearIDModel, Path]:
+    """`load_model`, remembering the head-only files already followed (`chain`) to refuse loops."""
     location = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     head_file = _head_only_file(location)
     if head_file is not None:
-        return _load_head_only(head_file, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+        real = head_file.resolve()
+        if real in chain or len(chain) >= _MAX_HEAD_CHAIN:
+            steps = " -> ".join(str(p) for p in (*chain, real))
+            problem = "loops back on itself" if real in chain else f"is longer than {_MAX_HEAD_CHAIN} links"
+            raise CheckpointError(
+                f"The head-only checkpoint chain {problem}: {steps}. A head-only file's backbone_name_or_path must "
+                "name a full SigLIP or NearID checkpoint (for example google/siglip2-so400m-patch14-384)."
+            )
+        return _load_head_only(head_file, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only,
+                               chain=(*chain, real))
 
     if not (location / CONFIG_NAME).exists():
         raise CheckpointError(f"No {CONFIG_NAME} in {location}: not a NearID, SigLIP or head-only checkpoint.")
-    config = _nearid_config_from(_read_json(location / CONFIG_NAME), str(name_or_path))
+    config = _nearid_config_from(_read_json(location / CONFIG_NAME), str(name_or_path), location / CONFIG_NAME)
     tensors, _ = _read_tensors(_weight_files(location), dtype)
     model = _build(config, dtype)
     load_vision_state_dict(model.backbone, tensors, source=str(location))
@@ -310,7 +374,8 @@ def _head_only_file(location: Path) -> Path | None:
 
 
 def _load_head_only(
-    file: Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None, local_files_only: bool
+    file: Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None, local_files_only: bool,
+    chain: tuple[Path, ...],
 ) -> tuple[NearIDModel, Path]:
     tensors, metadata = _read_tensors([file], dtype)
     if metadata.get("format") != _HEAD_FORMAT or "config" not in metadata:
@@ -318,11 +383,15 @@ def _load_head_only(
             f"{file} is not a NearID head-only checkpoint (metadata 'format' must be {_HEAD_FORMAT!r} with a 'config'); "
             f"save one with nearid_core.save_head_only()."
         )
-    head_config = NearIDConfig(**json.loads(metadata["config"]))
+    try:
+        head_config = NearIDConfig(**json.loads(metadata["config"]))
+    except Exception as err:  # malformed JSON or a config field transformers refuses
+        raise CheckpointError(f"{file}: the config in its metadata is malformed or inconsistent: {err}") from err
     trunk = head_config.backbone_name_or_path
     if not trunk:
         raise CheckpointError(f"{file}: the head-only checkpoint does not name its trunk (backbone_name_or_path).")
-    model, trunk_dir = load_model(trunk, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+    model, trunk_dir = _load(trunk, dtype=dtype, revision=None, cache_dir=cache_dir,
+                             local_files_only=local_files_only, chain=chain)
     if model.config.vision_config.hidden_size != head_config.vision_config.hidden_size:
         raise CheckpointError(
             f"{file}: head width {head_config.vision_config.hidden_size} does not match trunk {trunk!r} "

@@ -73,6 +73,14 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.resample not in _RESAMPLE.values():
             raise ValueError(f"PreprocessConfig.resample must be one of {sorted(_RESAMPLE.values())}, got {self.resample!r}.")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"PreprocessConfig.size must be two positive integers (height, width), got {self.size}.")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(v > 0 for v in self.std):
+            raise ValueError(
+                f"PreprocessConfig.mean and std need 3 values each, std positive; got mean {self.mean}, std {self.std}."
+            )
+        if not self.rescale_factor > 0:
+            raise ValueError(f"PreprocessConfig.rescale_factor must be positive, got {self.rescale_factor}.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
+from .checkpoint import load_model, load_preprocess_config
 from .modeling_nearid import NearIDModel
 from .preprocessing import Images, PreprocessConfig, iter_images, preprocess, preprocess_images
 
@@ -103,7 +103,7 @@ class NearIDScorer:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         model, config_dir = load_model(name_or_path, dtype=dtype, **kwargs)
-        preprocess_config = PreprocessConfig.from_pretrained(config_dir, model.config.vision_config.image_size)
+        preprocess_config = load_preprocess_config(config_dir, model.config.vision_config.image_size)
         return cls(model, preprocess_config, device=device, dtype=dtype)
 
     @property

@@ -21,6 +21,7 @@ from nearid_core import (
     CheckpointNotFoundError,
     NearIDConfig,
     NearIDModel,
+    NearIDScorer,
     load_model,
     save_head_only,
     save_release,
@@ -548,3 +549,77 @@ def test_save_head_only_creates_missing_parent_directory(tmp_path, siglip_vision
     target = tmp_path / "new" / "dir" / "head.safetensors"
     written = nearid_core.save_head_only(tiny_nearid_model(1, backbone=str(siglip_vision_dir)), target)
     assert written == target and target.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Broken checkpoints: CheckpointError naming the file, never a raw exception
+
+
+def _copy_release(release_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "release"
+    shutil.copytree(release_dir, target)
+    return target
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"size": {"height": "big", "width": 56}}', "preprocessor"),
+    ('{"size": {"shortest_edge": 56}}', "preprocessor"),
+    ('{"image_std": [0.5, 0.0, 0.5]}', "std"),
+    ('{"resample": 7}', "resample"),
+])
+def test_bad_preprocessor_config_names_the_file(release_dir, tmp_path, content, match):
+    d = _copy_release(release_dir, tmp_path)
+    (d / "preprocessor_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"preprocessor_config\.json.*{match}|{match}.*preprocessor_config\.json"):
+        NearIDScorer.from_pretrained(d, device="cpu")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(embed_dim=c["vision_config"]["hidden_size"] + 1), "embed_dim"),
+    (lambda c: c["vision_config"].update(hidden_size="wide"), "config"),
+    (lambda c: c.update(vision_config=[1]), "config"),
+])
+def test_inconsistent_config_fields_name_config_json(release_dir, tmp_path, edit, match):
+    d = _copy_release(release_dir, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json.*{match}"):
+        load_model(d)
+
+
+def _head_naming(head_only_file: Path, path: Path, trunk: str) -> Path:
+    with safe_open(str(head_only_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["config"])
+    config["backbone_name_or_path"] = trunk
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config)})
+    return path
+
+
+def test_head_only_file_naming_itself_is_an_error_naming_the_chain(head_only_file, tmp_path):
+    """Regression: a head-only file naming itself as its trunk recursed until RecursionError (2983 lines)."""
+    me = tmp_path / "self.safetensors"
+    _head_naming(head_only_file, me, str(me))
+    with pytest.raises(CheckpointError, match=r"loops back on itself: .*self\.safetensors -> .*self\.safetensors"):
+        load_model(me)
+
+
+def test_head_only_cycle_of_two_is_an_error_naming_the_chain(head_only_file, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _head_naming(head_only_file, a, str(b))
+    _head_naming(head_only_file, b, str(a))
+    with pytest.raises(CheckpointError, match=r"a\.safetensors -> .*b\.safetensors -> .*a\.safetensors"):
+        load_model(a)
+
+
+def test_missing_relative_path_says_it_was_read_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotFoundError, match=r"No local path .*models/nearid exists either.*hub id"):
+        load_model("models/nearid", local_files_only=True)
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        load_model("../models/nearid")
