@@ -1,18 +1,54 @@
-"""NearID identity embeddings: load a checkpoint, embed images, score and rank candidates by subject identity."""
+"""NearID identity embeddings: load a checkpoint, embed images, score and rank candidates by subject identity.
 
-from .checkpoint import CheckpointError as CheckpointError
-from .checkpoint import CheckpointNotFoundError as CheckpointNotFoundError
-from .checkpoint import load_model as load_model
-from .checkpoint import save_head_only as save_head_only
-from .checkpoint import save_release as save_release
-from .configuration_nearid import NearIDConfig as NearIDConfig
-from .modeling_nearid import NearIDModel as NearIDModel
-from .modeling_nearid import NearIDModelOutput as NearIDModelOutput
-from .preprocessing import ImageInputError as ImageInputError
-from .preprocessing import PreprocessConfig as PreprocessConfig
-from .preprocessing import preprocess as preprocess
-from .scorer import DEFAULT_MODEL as DEFAULT_MODEL
-from .scorer import NearIDScorer as NearIDScorer
-from .scorer import to_percent as to_percent
+The public names below are imported on first use (PEP 562), so ``import nearid_core`` and the command lines start
+without loading torch or transformers until they need them. Using the model API (``NearIDModel``, ``NearIDScorer``,
+``load_model``, ...) registers model type ``nearid`` with transformers' ``AutoConfig`` / ``AutoModel``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "CheckpointNotFoundError": "checkpoint",
+    "load_model": "checkpoint",
+    "save_head_only": "checkpoint",
+    "save_release": "checkpoint",
+    "NearIDConfig": "configuration_nearid",
+    "NearIDModel": "modeling_nearid",
+    "NearIDModelOutput": "modeling_nearid",
+    "ImageInputError": "preprocessing",
+    "PreprocessConfig": "preprocessing",
+    "preprocess": "preprocessing",
+    "DEFAULT_MODEL": "scorer",
+    "DeviceError": "scorer",
+    "NearIDScorer": "scorer",
+    "to_percent": "scorer",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError, CheckpointNotFoundError, load_model, save_head_only, save_release
+    from .configuration_nearid import NearIDConfig
+    from .modeling_nearid import NearIDModel, NearIDModelOutput
+    from .preprocessing import ImageInputError, PreprocessConfig, preprocess
+    from .scorer import DEFAULT_MODEL, DeviceError, NearIDScorer, to_percent
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nearid_core' has no attribute {name!r}")
+    if module == "configuration_nearid":
+        module = "modeling_nearid"  # the config comes with the model, so that it is registered with the Auto classes
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -4,7 +4,8 @@ embeddings.
     nearid score --ref ref.png [--ref ref2.png ...] CANDIDATE [CANDIDATE ...] [--model ID_OR_DIR] [--json]
     nearid embed IMAGE [IMAGE ...] --output embeddings.safetensors|.npy [--model ID_OR_DIR]
 
-A candidate or image argument may be a directory: its image files are used, sorted by name.
+A candidate or image argument may be a directory: its image files are used, sorted by name. Arguments are parsed and
+checked before torch and the model load, so `--help` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -12,29 +13,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
+from .names import DEFAULT_MODEL, DTYPE_NAMES, IMAGE_SUFFIXES, REDUCTIONS
 
-from .checkpoint import CheckpointError, CheckpointNotFoundError
-from .preprocessing import IMAGE_SUFFIXES, ImageInputError
-from .scorer import DEFAULT_MODEL, REDUCTIONS, NearIDScorer, to_percent
+EMBED_SUFFIXES = (".safetensors", ".npy")
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class UsageError(ValueError):
+    """A mistake in what the user typed; reported as one message with exit status 2."""
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, checkpoint directory or head-only .safetensors file (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="auto = fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="skip image files that cannot be read (reported on stderr) instead of stopping")
+    parser.add_argument("--allow-large-images", action="store_true",
+                        help="read images over PIL's decompression-bomb limit (~179 MP), decoded at reduced size")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nearid", description="NearID identity scoring.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -49,49 +57,139 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_model_args(score)
 
-    embed = sub.add_parser("embed", help="write L2-normalised embeddings of images")
+    embed = sub.add_parser("embed", help="write L2-normalised embeddings of images",
+                           description="Writes [N, D] float32 embeddings. A .safetensors file records the source "
+                                       "file of each row in its metadata; a .npy file gets a sidecar <file>.json.")
     embed.add_argument("images", nargs="+", help="images or directories")
     embed.add_argument("--output", "-o", required=True, help="output file: .safetensors or .npy")
     _add_model_args(embed)
+    return parser
 
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the arguments (files, directories, output path) without loading torch or the model."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    if args.command == "embed" and Path(args.output).suffix not in (".safetensors", ".npy"):
-        parser.error(f"--output must end in .safetensors or .npy, got {args.output!r}")
-    if args.command == "score" and args.top_k is not None and args.top_k < 1:
-        parser.error("--top-k must be >= 1")
+    try:
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        if args.command == "score":
+            if args.top_k is not None and args.top_k < 1:
+                raise UsageError("--top-k must be >= 1")
+            args.ref_paths = expand_images(args.ref)
+            args.candidate_paths = expand_images(args.candidates)
+        else:
+            args.output = check_output(args.output)
+            args.image_paths = expand_images(args.images)
+    except UsageError as err:
+        parser.error(str(err))
     return args
 
 
 def expand_images(items: Sequence[str]) -> list[Path]:
-    """Paths as given; directories replaced by their image files (sorted). Missing paths raise ImageInputError."""
+    """Paths as given; directories replaced by their image files (sorted by name).
+
+    Raises:
+        UsageError: a path that does not exist, or a directory without image files.
+    """
     paths: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ImageInputError(f"Directory {path} contains no image files ({', '.join(IMAGE_SUFFIXES)}).")
+                raise UsageError(f"directory {path} contains no image files ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():  # a broken link or a loop is reported precisely when read
             paths.append(path)
         else:
-            raise ImageInputError(f"Image file not found: {path}")
+            raise UsageError(f"image file not found: {path}")
     return paths
 
 
-def _load_scorer(args: argparse.Namespace) -> NearIDScorer:
-    return NearIDScorer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
+def check_output(output: str) -> Path:
+    """The `--output` path, checked before any work: a .safetensors / .npy file in a writable directory.
+
+    Raises:
+        UsageError: a wrong suffix, an existing directory, or a folder that cannot be created or written.
+    """
+    path = Path(output)
+    if path.is_dir():
+        raise UsageError(f"--output {output} is a directory; give a file name such as {path / 'embeddings.safetensors'}")
+    if path.suffix not in EMBED_SUFFIXES:
+        raise UsageError(f"--output must end in .safetensors or .npy, got {output!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the folder of --output {output}: {err.strerror or err}") from err
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write --output {output}: the folder {path.parent} is not writable")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The work (torch and the model load from here on)
+
+
+def _load_scorer(args: argparse.Namespace):
+    import torch
+
+    from .scorer import NearIDScorer
+
+    dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return NearIDScorer.from_pretrained(args.model, device=args.device, dtype=dtypes[args.dtype])
+
+
+def embed_files(scorer, paths: Sequence[Path], batch_size: int, skip_unreadable: bool, desc: str = "embed"):
+    """Embed image files in batches -> (embeddings [N, D] on CPU, the paths embedded, [(path, reason) skipped]).
+
+    With `skip_unreadable`, a batch that fails to read is retried image by image and the unreadable ones are left out.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .preprocessing import ImageInputError
+
+    rows, kept, skipped = [], [], []
+    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img",
+                                      disable=len(paths) <= 4 * batch_size) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            try:
+                rows.append(scorer.embed([str(p) for p in chunk], batch_size=batch_size, progress=False).cpu())
+                kept.extend(chunk)
+            except ImageInputError:
+                if not skip_unreadable:
+                    raise
+                for path in chunk:
+                    try:
+                        rows.append(scorer.embed([str(path)], progress=False).cpu())
+                        kept.append(path)
+                    except ImageInputError as err:
+                        skipped.append((path, str(err)))
+            bar.update(len(chunk))
+    embeddings = torch.cat(rows) if rows else torch.empty(0, scorer.embed_dim)
+    return embeddings, kept, skipped
+
+
+def _report_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
+    for path, reason in skipped:
+        print(f"nearid: skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"nearid: skipped {len(skipped)} unreadable image(s)", file=sys.stderr)
 
 
 def run_score(args: argparse.Namespace) -> int:
-    references = expand_images(args.ref)
-    candidates = expand_images(args.candidates)
+    from .scorer import to_percent
+
     scorer = _load_scorer(args)
-    refs = scorer.embed([str(p) for p in references], batch_size=args.batch_size)
-    cands = scorer.embed([str(p) for p in candidates], batch_size=args.batch_size,
-                         progress=len(candidates) > 4 * args.batch_size)
+    refs, references, skipped_refs = embed_files(scorer, args.ref_paths, args.batch_size, args.skip_unreadable, "refs")
+    cands, candidates, skipped = embed_files(scorer, args.candidate_paths, args.batch_size, args.skip_unreadable)
+    _report_skipped([*skipped_refs, *skipped])
+    if not references:
+        raise UsageError("no reference image could be read")
+    if not candidates:
+        raise UsageError("no candidate image could be read")
     order, scores = scorer.rank(refs, cands, top_k=args.top_k, reduce=args.reduce)
     rows = [
         {"rank": r + 1, "file": str(candidates[i]), "score": round(float(s), 6), "score_100": round(float(to_percent(s)), 2)}
@@ -99,7 +197,7 @@ def run_score(args: argparse.Namespace) -> int:
     ]
     if args.json:
         payload = {"model": str(args.model), "references": [str(p) for p in references], "reduce": args.reduce,
-                   "results": rows}
+                   "results": rows, "skipped": [{"file": str(p), "reason": why} for p, why in [*skipped_refs, *skipped]]}
         print(json.dumps(payload, indent=2))
         return 0
     width = max(len("candidate"), *(len(r["file"]) for r in rows))
@@ -111,32 +209,69 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path` (readers never see half)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sidecar_path(npy_path: Path) -> Path:
+    """Where `nearid embed` records the source file of each row of a .npy output: `<file>.json`."""
+    return npy_path.with_name(npy_path.name + ".json")
+
+
 def run_embed(args: argparse.Namespace) -> int:
-    images = expand_images(args.images)
     scorer = _load_scorer(args)
-    embeddings = scorer.embed([str(p) for p in images], batch_size=args.batch_size,
-                              progress=len(images) > 4 * args.batch_size).cpu()
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    embeddings, images, skipped = embed_files(scorer, args.image_paths, args.batch_size, args.skip_unreadable)
+    _report_skipped(skipped)
+    if not images:
+        raise UsageError("no image could be read; nothing written")
+    output: Path = args.output
+    provenance = {"files": [str(p) for p in images], "model": str(args.model)}
     if output.suffix == ".npy":
         import numpy as np
 
-        np.save(output, embeddings.numpy())
+        def save_npy(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, embeddings.numpy())
+
+        write_atomic(sidecar_path(output), lambda tmp: tmp.write_text(json.dumps(provenance, indent=2)))
+        write_atomic(output, save_npy)
+        where = f" (rows' source files in {sidecar_path(output)})"
     else:
         from safetensors.torch import save_file
 
-        save_file({"embeddings": embeddings.contiguous()}, str(output),
-                  metadata={"files": json.dumps([str(p) for p in images]), "model": str(args.model)})
-    print(f"wrote {tuple(embeddings.shape)} embeddings to {output}")
+        metadata = {k: json.dumps(v) if isinstance(v, list) else v for k, v in provenance.items()}
+        write_atomic(output, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata))
+        where = ""
+    print(f"wrote {tuple(embeddings.shape)} embeddings to {output}{where}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.allow_large_images:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+    from .checkpoint import CheckpointError, CheckpointNotFoundError
+    from .preprocessing import ImageInputError
+    from .scorer import DeviceError
+
     try:
         return {"score": run_score, "embed": run_embed}[args.command](args)
-    except (CheckpointNotFoundError, CheckpointError, ImageInputError) as err:
+    except (CheckpointNotFoundError, CheckpointError, ImageInputError, DeviceError, UsageError) as err:
+        hint = " (or pass --skip-unreadable)" if isinstance(err, ImageInputError) else ""
+        print(f"nearid: error: {err}{hint}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output could not be written (disk full, permissions changed meanwhile)
         print(f"nearid: error: {err}", file=sys.stderr)
         return 2
 

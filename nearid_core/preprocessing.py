@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .names import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: where callers have always found it
+
 logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File suffixes treated as images when a directory is given (first match wins when looking up a stem)."""
 
 # PIL resampling codes used in preprocessor_config.json -> torch interpolation modes.
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}

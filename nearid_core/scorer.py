@@ -17,15 +17,49 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model, load_preprocess_config
+from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
 from .modeling_nearid import NearIDModel
 from .preprocessing import Images, PreprocessConfig, iter_images, preprocess, preprocess_images
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
-REDUCTIONS = ("mean", "min", "max", "centroid")
-READOUTS = ("map", "mean")  # the NearID MAP head, or the mean of the trunk's patch tokens (the siglip2-mean baseline)
-INPUT_RANGES = ("0,1", "-1,1")
+
+
+class DeviceError(ValueError):
+    """A device name that is not valid, or names a device this machine / torch build does not have."""
+
+
+def available_devices() -> list[str]:
+    """The devices this torch build can use here, e.g. ['cpu', 'cuda:0', 'cuda:1']."""
+    found = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            continue
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        found += [f"{kind}:{i}" for i in range(count)] if kind != "mps" else ["mps"]
+    return found
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device that exists here; None = CUDA if available, else CPU.
+
+    Raises:
+        DeviceError: an invalid name, or a device this machine lacks; the message lists the available devices.
+    """
+    if device is None:
+        return default_device()
+    available = available_devices()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"{device!r} is not a device name; available here: {', '.join(available)}.") from err
+    name = resolved.type if resolved.index is None else f"{resolved.type}:{resolved.index}"
+    if resolved.type == "cpu" or name in available or (resolved.index is None and f"{name}:0" in available):
+        return resolved
+    build = "" if torch.cuda.is_available() or resolved.type != "cuda" else (
+        " (this torch build has no CUDA support)" if torch.version.cuda is None else " (no CUDA GPU is visible)")
+    raise DeviceError(f"Device {str(device)!r} is not available{build}; available here: {', '.join(available)}.")
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -79,7 +113,7 @@ class NearIDScorer:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.preprocess_config = preprocess_config
@@ -100,7 +134,7 @@ class NearIDScorer:
             dtype: default fp16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 otherwise.
             **kwargs: `revision`, `cache_dir`, `local_files_only` for the download.
         """
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         model, config_dir = load_model(name_or_path, dtype=dtype, **kwargs)
         preprocess_config = load_preprocess_config(config_dir, model.config.vision_config.image_size)
@@ -113,7 +147,7 @@ class NearIDScorer:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "NearIDScorer":
         """Move the model (and where inputs go) to another device and/or dtype; returns self."""
         if device is not None:
-            self.device = torch.device(device)
+            self.device = resolve_device(device)
         if dtype is not None:
             self.dtype = dtype
         self.model.to(device=self.device, dtype=self.dtype)

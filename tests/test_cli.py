@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from nearid_core import NearIDScorer
-from nearid_core.cli import expand_images, main, parse_args
+from nearid_core.cli import UsageError, expand_images, main, parse_args, sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,9 @@ def test_unreadable_image_names_the_file(release_dir, image_files, tmp_path, cap
 
 
 def test_missing_file_and_empty_directory(tmp_path):
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         expand_images([str(tmp_path / "nope.png")])
-    with pytest.raises(Exception, match="no image files"):
+    with pytest.raises(UsageError, match="no image files"):
         expand_images([str(tmp_path)])
 
 
@@ -97,3 +99,123 @@ def test_bad_flags_exit_before_loading(argv):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The contract: every user mistake is exit 2 and one message, no traceback; outputs are atomic and say which row is which
+
+
+def _bad_invocations(tmp_path, image_files, release_dir):
+    img, model = str(image_files[0]), str(release_dir)
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    return {
+        "output is a directory": ["embed", img, "-o", str(tmp_path)],
+        "output under a file": ["embed", img, "-o", str(a_file / "x.npy")],
+        "output suffix": ["embed", img, "-o", str(tmp_path / "x.txt")],
+        "missing image": ["score", "--ref", img, str(tmp_path / "nope.png")],
+        "empty directory": ["embed", str(empty), "-o", str(tmp_path / "e.npy")],
+        "missing reference": ["score", "--ref", str(tmp_path / "nope.png"), img],
+        "batch size": ["embed", img, "-o", str(tmp_path / "b.npy"), "--batch-size", "0"],
+        "top k": ["score", "--ref", img, img, "--top-k", "-1"],
+        "unknown dtype": ["score", "--ref", img, img, "--dtype", "fp8"],
+        "device typo": ["score", "--ref", img, img, "--model", model, "--device", "cdua"],
+        "absent gpu": ["score", "--ref", img, img, "--model", model, "--device", "cuda:7"],
+        "missing model dir": ["score", "--ref", img, img, "--model", str(tmp_path / "no-model")],
+        "model is a text file": ["score", "--ref", img, img, "--model", str(a_file)],
+        "unreadable image": ["score", "--ref", img, str(broken), "--model", model],
+        "nothing readable": ["embed", str(broken), "-o", str(tmp_path / "n.npy"), "--model", model, "--skip-unreadable"],
+    }
+
+
+CASES = ["output is a directory", "output under a file", "output suffix", "missing image", "empty directory",
+         "missing reference", "batch size", "top k", "unknown dtype", "device typo", "absent gpu", "missing model dir",
+         "model is a text file", "unreadable image", "nothing readable"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_mistakes_exit_2_with_one_message(case, tmp_path, image_files, release_dir, capsys):
+    argv = _bad_invocations(tmp_path, image_files, release_dir)[case]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and "error:" in err
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_device_errors_list_the_available_devices(release_dir, image_files, capsys):
+    assert main(["score", "--ref", str(image_files[0]), str(image_files[1]), "--model", str(release_dir),
+                 "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda:7" in err and "available here: cpu" in err
+
+
+def test_cli_errors_come_from_a_fresh_process_without_torch(tmp_path):
+    """`nearid --help` and usage errors are answered before torch is imported (they took ~11 s on a cold start)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, nearid_core.cli as c\n"
+             "try:\n    c.main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('torch' in sys.modules, code)")
+    out = subprocess.run([sys.executable, "-c", probe, "score", "--ref", str(tmp_path / "nope.png"), "x.png"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "2"], out.stderr
+    assert "image file not found" in out.stderr and "Traceback" not in out.stderr
+    help_out = subprocess.run([sys.executable, "-m", "nearid_core.cli", "--help"], capture_output=True, text=True,
+                              timeout=120)
+    assert help_out.returncode == 0 and "score" in help_out.stdout
+
+
+def test_skip_unreadable_reports_what_it_skipped(release_dir, image_files, scorer, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in image_files:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "zz_broken.png").write_bytes(b"not an image")
+    os.symlink(folder / "loop.png", folder / "loop.png")
+    out = tmp_path / "emb.safetensors"
+    assert main(["embed", str(folder), "-o", str(out), "--model", str(release_dir), "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-unreadable" in err and not out.exists()
+    assert main(["embed", str(folder), "-o", str(out), "--model", str(release_dir), "--dtype", "fp32",
+                 "--skip-unreadable", "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable" in err and "symlink loop" in err and "zz_broken.png" in err
+    with safe_open(str(out), "pt") as f:
+        emb, files = f.get_tensor("embeddings"), json.loads(f.metadata()["files"])
+    assert files == [str(folder / p.name) for p in image_files]
+    torch.testing.assert_close(emb, scorer.embed(files), atol=1e-5, rtol=0)
+
+
+def test_npy_output_has_a_sidecar_naming_each_row(release_dir, image_files, scorer, tmp_path):
+    out = tmp_path / "emb.npy"
+    files = [str(p) for p in image_files[::-1]]
+    assert main(["embed", *files, "-o", str(out), "--model", str(release_dir), "--dtype", "fp32"]) == 0
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["files"] == files and side["model"] == str(release_dir)
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), scorer.embed(files), atol=1e-5, rtol=0)
+
+
+def test_embed_replaces_an_existing_output_atomically(release_dir, image_files, tmp_path, monkeypatch):
+    """A failure while writing leaves the old file intact and no temporary file behind."""
+    import safetensors.torch
+
+    out = tmp_path / "emb.safetensors"
+    out.write_bytes(b"old contents")
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    assert main(["embed", str(image_files[0]), "-o", str(out), "--model", str(release_dir)]) == 2
+    assert out.read_bytes() == b"old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.safetensors"]
