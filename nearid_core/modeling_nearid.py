@@ -76,6 +76,7 @@ class NearIDModel(NearIDPreTrainedModel):
         super().__init__(config)
         self.backbone = SiglipVisionModel(config.vision_config)
         self.post_init()
+        self.head.register_forward_pre_hook(_tokens_to_head_dtype)
 
     @property
     def _tower(self) -> nn.Module:
@@ -135,15 +136,28 @@ class NearIDModel(NearIDPreTrainedModel):
             output_attentions: also return the probe's attention over the N patches, averaged over heads.
 
         Returns:
-            (pooled [B, D] unnormalised, attention [B, N] or None). Equals `pooler_output` of `forward`.
+            (pooled [B, D] unnormalised, in the head's dtype; attention [B, N] or None). Equals `pooler_output` of
+            `forward`.
         """
         head = self.head
-        probe = head.probe.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        tokens = tokens.to(head.probe.dtype)
+        probe = head.probe.expand(tokens.shape[0], -1, -1)
         hidden, weights = head.attention(
             probe, tokens, tokens, need_weights=output_attentions, average_attn_weights=True
         )
         hidden = hidden + head.mlp(head.layernorm(hidden))
         return hidden[:, 0], (weights[:, 0] if weights is not None else None)
+
+    def to_precision(self, dtype: torch.dtype, head_dtype: torch.dtype | None = None,
+                     device: str | torch.device | None = None) -> "NearIDModel":
+        """Cast the trunk to `dtype` and the MAP head to `head_dtype` (default `dtype`), optionally moving to `device`.
+
+        The head is cast from its current weights directly, so an fp32 head next to a bf16 trunk keeps full precision.
+        """
+        head = self.head
+        for part in self._tower.children():
+            part.to(device=device, dtype=(head_dtype or dtype) if part is head else dtype)
+        return self
 
     def freeze_backbone(self) -> None:
         """Make only the MAP head trainable, as in the paper's recipe."""
@@ -153,6 +167,14 @@ class NearIDModel(NearIDPreTrainedModel):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The 11 MAP-head tensors, keyed as in a head-only checkpoint (`probe`, `attention.in_proj_weight`, ...)."""
         return {k: v for k, v in self.head.state_dict().items()}
+
+
+def _tokens_to_head_dtype(head: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the head may run in another dtype than the trunk (fp32 on CPUs, see
+    `nearid_core.precision.head_dtype`); its input tokens follow it. A no-op when the dtypes agree."""
+    tokens, *rest = args
+    dtype = head.probe.dtype
+    return None if tokens.dtype == dtype else (tokens.to(dtype), *rest)
 
 
 AutoConfig.register("nearid", NearIDConfig, exist_ok=True)

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model, load_preprocess_config
 from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
+from .precision import cpu_has_bf16_matmul as cpu_has_bf16_matmul  # re-exported
+from .precision import default_dtype, head_dtype
 from .modeling_nearid import NearIDModel
 from .preprocessing import Images, PreprocessConfig, iter_images, preprocess, preprocess_images
 
@@ -62,32 +64,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     raise DeviceError(f"Device {str(device)!r} is not available{build}; available here: {', '.join(available)}.")
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True when this CPU has bf16 matrix units (Intel AMX tiles), where bf16 inference runs several times faster
-    than fp32. AVX512-BF16 alone does not count: measured with this package's benchmark it ran bf16 matmuls about
-    2x *slower* than fp32 (oneDNN brgemm vs MKL sgemm), so such CPUs keep fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        if probe is not None and probe():
-            return True
-    except RuntimeError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (the paper's precision), bf16 on CPUs with bf16 matrix units (AMX), fp32 otherwise."""
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_has_bf16_matmul():
-        return torch.bfloat16
-    return torch.float32
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -115,8 +91,9 @@ class NearIDScorer:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = model.eval()
         self.preprocess_config = preprocess_config
+        self.to(self.device, self.dtype)
 
     @classmethod
     def from_pretrained(
@@ -131,12 +108,14 @@ class NearIDScorer:
         Args:
             name_or_path: hub id (downloaded on first use) or local directory / head-only `.safetensors` file.
             device: default CUDA if available, else CPU.
-            dtype: default fp16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 otherwise.
+            dtype: default fp16 on CUDA; on CPUs bf16 where it is measured faster, else fp32
+                (`nearid_core.precision`). On a CPU in bf16 / fp16 the MAP head runs in fp32.
             **kwargs: `revision`, `cache_dir`, `local_files_only` for the download.
         """
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
-        model, config_dir = load_model(name_or_path, dtype=dtype, **kwargs)
+        load_dtype = dtype if head_dtype(device, dtype) == dtype else None  # the head is cast from the file's dtype
+        model, config_dir = load_model(name_or_path, dtype=load_dtype, **kwargs)
         preprocess_config = load_preprocess_config(config_dir, model.config.vision_config.image_size)
         return cls(model, preprocess_config, device=device, dtype=dtype)
 
@@ -150,7 +129,7 @@ class NearIDScorer:
             self.device = resolve_device(device)
         if dtype is not None:
             self.dtype = dtype
-        self.model.to(device=self.device, dtype=self.dtype)
+        self.model.to_precision(self.dtype, head_dtype(self.device, self.dtype), device=self.device)
         return self
 
     def __repr__(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 
 import nearid_core
 from nearid_core import NearIDConfig, NearIDModel, PreprocessConfig
+
+# The CPU dtype probe caches its result per machine; tests keep theirs out of the user's cache.
+os.environ.setdefault("NEARID_CACHE_DIR", tempfile.mkdtemp(prefix="nearid-test-cache-"))
 
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14

@@ -10,10 +10,8 @@ from conftest import TINY_PREPROCESS, TINY_VISION, tiny_nearid_model
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-import nearid_core.scorer as scorer_mod
 from nearid_core import NearIDConfig, NearIDModel, NearIDScorer, PreprocessConfig, to_percent
 from nearid_core.preprocessing import iter_images, preprocess_images
-from nearid_core.scorer import cpu_has_bf16_matmul, default_dtype
 
 D = TINY_VISION["hidden_size"]
 
@@ -333,73 +331,14 @@ def test_attention_maps_pad_unseen_border():
 # dtype / device defaults
 
 
-def test_default_dtype_logic(monkeypatch):
-    monkeypatch.setattr(scorer_mod, "cpu_has_bf16_matmul", lambda: True)
-    assert default_dtype(torch.device("cpu")) == torch.bfloat16
-    assert default_dtype(torch.device("cuda")) == torch.float16
-    assert default_dtype(torch.device("cuda", 0)) == torch.float16
-    monkeypatch.setattr(scorer_mod, "cpu_has_bf16_matmul", lambda: False)
-    assert default_dtype(torch.device("cpu")) == torch.float32
-    assert default_dtype(torch.device("cuda")) == torch.float16
-
-
-def test_default_dtype_matches_cpu_probe():
-    expected = torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
-    assert default_dtype(torch.device("cpu")) == expected
-    assert isinstance(cpu_has_bf16_matmul(), bool)
-
-
-def test_cpu_probe_counts_only_amx_matrix_units(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert cpu_has_bf16_matmul() is True
-    # AVX512-BF16 without AMX is not enough (measured slower than fp32), with or without /proc/cpuinfo
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-
-    class FakeCpuinfo:
-        def __init__(self, text):
-            self.text = text
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return self.text
-
-    monkeypatch.setattr("builtins.open", lambda *a, **k: FakeCpuinfo("flags : avx512f avx512_bf16"))
-    assert cpu_has_bf16_matmul() is False
-    monkeypatch.setattr("builtins.open", lambda *a, **k: FakeCpuinfo("flags : avx512_bf16 amx_bf16 amx_tile"))
-    assert cpu_has_bf16_matmul() is True
-
-    def no_cpuinfo(*args, **kwargs):
-        raise OSError("no /proc")
-
-    monkeypatch.setattr("builtins.open", no_cpuinfo)
-    assert cpu_has_bf16_matmul() is False
-
-
-def test_from_pretrained_default_dtype(release_dir, monkeypatch):
-    monkeypatch.setattr(scorer_mod, "default_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(scorer_mod, "cpu_has_bf16_matmul", lambda: False)
-    s = NearIDScorer.from_pretrained(release_dir)
-    assert s.device == torch.device("cpu") and s.dtype == torch.float32
-    assert {p.dtype for p in s.model.parameters()} == {torch.float32}
-    monkeypatch.setattr(scorer_mod, "cpu_has_bf16_matmul", lambda: True)
-    s = NearIDScorer.from_pretrained(release_dir)
-    assert s.dtype == torch.bfloat16
-    assert {p.dtype for p in s.model.parameters()} == {torch.bfloat16}
-
-
 def test_bf16_close_to_fp32(release_dir, siglip_vision_dir):
     imgs = make_images(16, seed=21)
     worst = 1.0
     for path in (release_dir, siglip_vision_dir):
         e32 = NearIDScorer.from_pretrained(path, device="cpu", dtype=torch.float32).embed(imgs)
         s16 = NearIDScorer.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
-        assert {p.dtype for p in s16.model.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in s16.model.backbone.encoder.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in s16.model.head.parameters()} == {torch.float32}  # the head runs in fp32 on CPUs
         e16 = s16.embed(imgs)
         assert e16.dtype == torch.float32  # embeddings always come back in fp32
         torch.testing.assert_close(e16.norm(dim=-1), torch.ones(16))
@@ -412,6 +351,7 @@ def test_to_changes_dtype(release_dir, images):
     s = NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
     e32 = s.embed(images[:2])
     assert s.to(dtype=torch.bfloat16) is s
-    assert s.dtype == torch.bfloat16 and {p.dtype for p in s.model.parameters()} == {torch.bfloat16}
+    assert s.dtype == torch.bfloat16 and {p.dtype for p in s.model.backbone.encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in s.model.head.parameters()} == {torch.float32}
     e16 = s.embed(images[:2])
     assert (e16 * e32).sum(-1).min() > 0.99
