@@ -29,6 +29,18 @@ def _run_json(argv, out):
     return json.loads(out.read_text())
 
 
+def _usage_error(argv, capsys):
+    """Run the CLI on a user mistake: exit status 2 and one error line on stderr, no traceback; returns the line."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(map(str, argv)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def _write_csv(path, header, rows):
     lines = [",".join(header)] + [",".join("" if v is None else str(v) for v in row) for row in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -74,8 +86,13 @@ def test_nearid_bench_sims_hand_worked(tmp_path):
     b = _write_csv(tmp_path / "src_b.csv", *SRC_B)
     out = _run_json(["nearid-bench", "--sims", a, b, "--csv", tmp_path / "t.csv", "--latex", tmp_path / "t.tex"],
                     tmp_path / "r.json")
-    assert set(out) == {"SSR", "PA", "PA_terms", "SSR_mean", "n", "per_source"}
+    assert set(out) == {"SSR", "PA", "PA_terms", "SSR_mean", "n", "rows", "missing_terms", "per_source"}
     assert list(out["per_source"]) == ["src_a", "src_b"]
+    # missing terms (no n_pos column: every row should give the table's 2 resp. 6 terms): src_a c lacks cross_00 (1),
+    # d lacks sim_01 (2); src_b g is a 2-view row in a 3-view table (4)
+    assert (out["per_source"]["src_a"]["rows"], out["per_source"]["src_a"]["missing_terms"]) == (4, 3)
+    assert (out["per_source"]["src_b"]["rows"], out["per_source"]["src_b"]["missing_terms"]) == (3, 4)
+    assert (out["rows"], out["missing_terms"]) == (7, 7)
     pa, pb = out["per_source"]["src_a"], out["per_source"]["src_b"]
     assert (pa["n"], pa["ssr_wins"], pa["term_wins"], pa["term_trials"], pa["mean_wins"]) == (3, 2, 3, 5, 2)
     assert (pb["n"], pb["ssr_wins"], pb["term_wins"], pb["term_trials"], pb["mean_wins"]) == (3, 1, 9, 14, 2)
@@ -92,17 +109,16 @@ def test_nearid_bench_sims_hand_worked(tmp_path):
     assert "src\\_a & 3 & 66.67 & 62.50 & 60.00 & 66.67 \\\\" in tex and "\\midrule\nall & 6 & 50.00 & 64.00" in tex
 
 
-def test_nearid_bench_sims_errors(tmp_path):
+def test_nearid_bench_sims_errors(tmp_path, capsys):
     a = _write_csv(tmp_path / "src_a.csv", *SRC_A)
     (tmp_path / "other").mkdir()
-    with pytest.raises(ValueError, match="two CSVs give source 'src_a'"):
-        main(["nearid-bench", "--sims", str(a), str(shutil.copy(a, tmp_path / "other" / "src_a.csv"))])
-    bad = _write_csv(tmp_path / "bad.csv", ["sim_01", "cross_00"], [[0.5, "high"]])
-    with pytest.raises(ValueError, match=r"bad.csv, line 2, column 'cross_00'"):
-        main(["nearid-bench", "--sims", str(bad)])
+    err = _usage_error(["nearid-bench", "--sims", a, shutil.copy(a, tmp_path / "other" / "src_a.csv")], capsys)
+    assert "two CSVs give source 'src_a'" in err
+    bad = _write_csv(tmp_path / "bad.csv", ["sim_01", "cross_00", "cross_11"], [[0.5, "high", 0.25]])
+    assert "bad.csv, line 2, column 'cross_00'" in _usage_error(["nearid-bench", "--sims", bad], capsys)
     none = _write_csv(tmp_path / "none.csv", ["score"], [[0.5]])
-    with pytest.raises(ValueError, match="has none of the columns"):
-        main(["nearid-bench", "--sims", str(none)])
+    assert "lacks the column(s) ['sim_01', 'cross_00', 'cross_11']" in _usage_error(
+        ["nearid-bench", "--sims", none], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,18 +195,19 @@ MTG_ROWS = [
 def test_mtg_sims_hand_worked(tmp_path):
     sims = _write_csv(tmp_path / "model.csv", MTG_HEADER, MTG_ROWS)
     out = _run_json(["mtg", "--sims", sims, "--plots", tmp_path / "plots"], tmp_path / "m.json")
-    assert set(out) == {"MO", "MOpair", "SSR", "PA", "n"}
+    assert set(out) == {"MO", "MOpair", "SSR", "PA", "n", "rows", "missing_terms", "blank_cells"}
     assert out["n"] == 3
+    # s3 lacks sim_2_2p (1 margin), s4 lacks sim_12 (2 margins)
+    assert (out["rows"], out["missing_terms"], out["blank_cells"]) == (4, 3, {"sim_12": 1, "sim_2_2p": 1})
     assert out["SSR"] == pytest.approx(100 / 3) and out["PA"] == pytest.approx(60.0)
     assert out["MO"] == pytest.approx(math.tanh(A_999 / 4))
     assert out["MOpair"] == pytest.approx(0.999)
     assert (tmp_path / "plots" / "mtg_ecdf_model.png").stat().st_size > 1000
 
 
-def test_mtg_sims_requires_every_column(tmp_path):
+def test_mtg_sims_requires_every_column(tmp_path, capsys):
     sims = _write_csv(tmp_path / "m.csv", MTG_HEADER[:-1], [r[:-1] for r in MTG_ROWS])
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['oracle_2'\]"):
-        main(["mtg", "--sims", str(sims)])
+    assert "lacks the column(s) ['oracle_2']" in _usage_error(["mtg", "--sims", sims], capsys)
 
 
 # =====================================================================================================================
@@ -240,7 +257,7 @@ def _write_ratings(root, methods=OBJECT):
 def test_dreambench_object_category_hand_worked(tmp_path):
     ratings = _write_ratings(tmp_path / "ratings")
     out = _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "d.json")
-    assert set(out) == {"mh", "human_human", "per_method"}
+    assert set(out) == {"mh", "human_human", "per_method", "missing_ratings"} and out["missing_ratings"] == {}
     assert out["mh"]["nearid"] == pytest.approx(math.tanh((A_9999 + 0 + math.atanh(0.5)) / 3))
     assert out["per_method"]["nearid"] == pytest.approx({"alpha": 1.0, "beta": 0.0, "gamma": 0.5})
     # gpt equals group 1: r1 = 1 everywhere, r2 = 1, -1, 1 -> scores 1, 0, 1
@@ -265,22 +282,20 @@ def test_dreambench_all_categories_and_plot(tmp_path):
     assert (tmp_path / "t.csv").read_text().splitlines()[0] == "scorer,object,style,all_fisher_z"
 
 
-def test_dreambench_fails_loudly_on_misaligned_keys(tmp_path):
+def test_dreambench_fails_loudly_on_misaligned_keys(tmp_path, capsys):
     ratings = _write_ratings(tmp_path / "ratings")
     path = ratings / "data_nearid_rating" / "beta.json"
     items = list(json.loads(path.read_text()).items())
     items[0], items[1] = items[1], items[0]  # magic_cube-1 before magic_cube-0
     path.write_text(json.dumps(dict(items)))
-    with pytest.raises(ValueError, match=r"position 0.*data_nearid_rating/beta.json"):
-        main(["dreambench", "--ratings", str(ratings)])
+    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
+    assert "position 0" in err and "data_nearid_rating/beta.json" in err
     items[0], items[1] = items[1], items[0]
     items[2] = ("object_01_mug-0_0", items[2][1])  # a different item, not just a suffix / alias
     path.write_text(json.dumps(dict(items)))
-    with pytest.raises(ValueError, match="object_01_mug-0"):
-        main(["dreambench", "--ratings", str(ratings)])
+    assert "object_01_mug-0" in _usage_error(["dreambench", "--ratings", ratings], capsys)
     (ratings / "data_gpt_rating" / "concept_preservation_full" / "gamma.json").unlink()
-    with pytest.raises(ValueError, match=r"lacks ratings for method\(s\) \['gamma'\]"):
-        main(["dreambench", "--ratings", str(ratings)])
+    assert "lacks ratings for method(s) ['gamma']" in _usage_error(["dreambench", "--ratings", ratings], capsys)
 
 
 # =====================================================================================================================
@@ -349,9 +364,19 @@ def test_nearid_bench_end_to_end(tmp_path, bench_data, release_dir, count_embeds
             else:
                 assert cell == ""
 
-    # re-summarising the written CSVs gives the same JSON
+    # the dataset's gaps are reported: views missing from slots 1-2 (or before the last view), views without their
+    # distractor per source, and the terms they cost
+    records = load_local_nearid(bench_data, ["src_a", "src_b"], "test")
+    gaps = out["data"]
+    assert gaps["samples"] == len(ids)
+    assert gaps["missing_distractors"] == {s: sum(r.views[j] is not None and r.distractors[s][j] is None
+                                                  for r in records for j in range(3)) for s in ("src_a", "src_b")}
+    assert sum(gaps["missing_distractors"].values()) > 0  # missing_rate=0.25: the data has gaps
+    assert out["missing_terms"] == sum(s["missing_terms"] for s in out["per_source"].values()) > 0
+
+    # re-summarising the written CSVs gives the same JSON (less the dataset's gaps, which a CSV does not hold)
     again = _run_json(["nearid-bench", "--sims", sims / "src_a.csv", sims / "src_b.csv"], tmp_path / "again.json")
-    assert again == out
+    assert again == {k: v for k, v in out.items() if k != "data"}
 
 
 def _read_rows(path):
@@ -380,7 +405,8 @@ def test_mtg_end_to_end(tmp_path, release_dir, count_embeds):
     out = _run_json(["mtg", "--data", tmp_path / "mtg", "--sims-out", sims, "--plots", tmp_path / "plots",
                      *_model_args(release_dir)], tmp_path / "m.json")
     assert len(count_embeds) == 16  # 4 images per sample, each once
-    assert set(out) == {"MO", "MOpair", "SSR", "PA", "n"} and out["n"] == 4
+    assert set(out) == {"MO", "MOpair", "SSR", "PA", "n", "rows", "missing_terms", "data"} and out["n"] == 4
+    assert out["data"] == {"samples": 4, "missing_edits": 0, "missing_masks": 0} and out["missing_terms"] == 0
     assert -1 <= out["MO"] <= 1 and -1 <= out["MOpair"] <= 1
     rows = _read_rows(sims)
     d = tmp_path / "mtg" / "mtg0002"
@@ -388,7 +414,7 @@ def test_mtg_end_to_end(tmp_path, release_dir, count_embeds):
                           np.asarray(Image.open(d / "image_2_part_mask.png")))
     assert float(rows[2]["oracle_2"]) == pytest.approx(expected)
     assert (tmp_path / "plots" / f"mtg_ecdf_{release_dir.name}.png").is_file()
-    assert _run_json(["mtg", "--sims", sims], tmp_path / "again.json") == out
+    assert _run_json(["mtg", "--sims", sims], tmp_path / "again.json") == {k: v for k, v in out.items() if k != "data"}
 
 
 def test_hf_paths_through_the_cli(tmp_path, monkeypatch, release_dir, count_embeds):
@@ -645,16 +671,18 @@ def test_nearid_bench_with_clip_baseline(tmp_path, bench_data, clip_dir):
     (["mtg", "--data", "d", "--split", "test"], "--hf only"),
     (["nearid-bench", "--hf", "--batch-size", "0"], "--batch-size"),
 ])
-def test_conflicting_flags_raise_before_loading(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_conflicting_flags_raise_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
         parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_argparse_rejects_two_data_sources_and_unknown_baseline(capsys):
+def test_argparse_rejects_two_data_sources_and_unknown_baseline(capsys, tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["nearid-bench", "--hf", "--data", "d"])
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["mtg", "--hf", "--baseline", "vit"])
-    args = parse_args(["dreambench-score", "--samples", "s", "--ratings", "r", "--baseline", "siglip2-mean"])
+    args = parse_args(["dreambench-score", "--samples", str(tmp_path), "--ratings", "r", "--baseline",
+                       "siglip2-mean"])
     assert args.name == "siglip2_mean" and args.batch_size == 32

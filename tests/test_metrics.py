@@ -4,8 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nearid_core.eval.metrics import (
+    BENCH_COLUMNS,
     DIRECTED_TERMS,
     BenchCounts,
     align_ratings,
@@ -388,3 +391,139 @@ def test_m_h_input_validation():
         m_h(HUMAN_1, HUMAN_2, METRIC, category="live_subject_human")  # no such item in the toy files
     with pytest.raises(ValueError, match="at least two"):
         align_ratings([HUMAN_1["m1"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invariants on random tables (hypothesis). Cells are multiples of 1/8 (exact, so ties are frequent) or NaN.
+# ---------------------------------------------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=60, deadline=None)
+CELL = st.one_of(st.sampled_from([k / 8 for k in range(-8, 9)]), st.just(nan))
+FINITE = st.sampled_from([k / 8 for k in range(-8, 9)])
+MTG_NAMES = ("sim_12", "sim_1_1p", "sim_1_2p", "sim_2_2p", "sim_2_1p", "oracle_1", "oracle_2")
+
+
+def _rows(width: int, cell=CELL, max_size: int = 12):
+    return st.lists(st.lists(cell, min_size=width, max_size=width), min_size=0, max_size=max_size)
+
+
+def _table(rows, names) -> dict[str, np.ndarray]:
+    return {c: np.array([r[k] for r in rows], dtype=np.float64) for k, c in enumerate(names)}
+
+
+def _direct_counts(rows) -> BenchCounts:
+    """Spec 6.2 counted one sample at a time: NaN margins are no trial, a tie loses, the mean of the valid margins."""
+    n = ssr = wins = trials = mean_wins = 0
+    for row in rows:
+        cells = dict(zip(BENCH_COLUMNS, row))
+        margins = [cells[s] - cells[c] for s, c in DIRECTED_TERMS if math.isfinite(cells[s] - cells[c])]
+        if margins:
+            n += 1
+            ssr += all(m > 0 for m in margins)
+            wins += sum(m > 0 for m in margins)
+            trials += len(margins)
+            mean_wins += sum(margins) / len(margins) > 0
+    return BenchCounts(n, ssr, wins, trials, mean_wins)
+
+
+@PROPERTY
+@given(_rows(len(BENCH_COLUMNS)))
+def test_property_bench_counts_equal_a_direct_count(rows):
+    assert nearid_bench_counts(_table(rows, BENCH_COLUMNS)) == _direct_counts(rows)
+
+
+@PROPERTY
+@given(st.data(), _rows(len(BENCH_COLUMNS)))
+def test_property_bench_permutation_of_samples(data, rows):
+    order = data.draw(st.permutations(range(len(rows))))
+    shuffled = [rows[i] for i in order]
+    assert nearid_bench_counts(_table(shuffled, BENCH_COLUMNS)) == nearid_bench_counts(_table(rows, BENCH_COLUMNS))
+
+
+@PROPERTY
+@given(_rows(len(BENCH_COLUMNS)), st.integers(1, 3))
+def test_property_bench_nan_rows_and_unused_columns_change_nothing(rows, n_nan):
+    counts = nearid_bench_counts(_table(rows, BENCH_COLUMNS))
+    padded = rows + [[nan] * len(BENCH_COLUMNS)] * n_nan  # samples without any term are not samples
+    assert nearid_bench_counts(_table(padded, BENCH_COLUMNS)) == counts
+    off_diagonal = [c for c in BENCH_COLUMNS if c.startswith("cross_") and c[-1] != c[-2]]
+    junk = _table(rows, BENCH_COLUMNS) | {c: np.full(len(rows), nan) for c in off_diagonal}
+    assert nearid_bench_counts(junk) == counts
+
+
+@PROPERTY
+@given(st.lists(FINITE, min_size=1, max_size=12))
+def test_property_bench_ties_lose(values):
+    # every similarity of a sample equals every cross_aa of it: all six margins are exactly 0
+    cols = {c: np.array(values) for c in ("sim_01", "sim_02", "sim_12", "cross_00", "cross_11", "cross_22")}
+    counts = nearid_bench_counts(cols)
+    assert counts == BenchCounts(n=len(values), ssr_wins=0, term_wins=0, term_trials=6 * len(values), mean_wins=0)
+
+
+@PROPERTY
+@given(_rows(len(BENCH_COLUMNS)), _rows(len(BENCH_COLUMNS)))
+def test_property_bench_micro_pooling_is_concatenation(a, b):
+    ta, tb = _table(a, BENCH_COLUMNS), _table(b, BENCH_COLUMNS)
+    joined = nearid_bench_counts(_table(a + b, BENCH_COLUMNS))
+    assert joined == nearid_bench_counts(ta) + nearid_bench_counts(tb)
+    assert nearid_bench_metrics({"a": ta, "b": tb})["all"].counts == joined
+
+
+def _mtg(rows):
+    return mtg_metrics(**_table(rows, MTG_NAMES))
+
+
+@PROPERTY
+@given(st.data(), _rows(len(MTG_NAMES), max_size=10))
+def test_property_mtg_permutation_of_samples(data, rows):
+    order = data.draw(st.permutations(range(len(rows))))
+    a, b = _mtg(rows), _mtg([rows[i] for i in order])
+    assert (a.n, a.wins, a.trials) == (b.n, b.wins, b.trials)
+    assert a.ssr == pytest.approx(b.ssr, nan_ok=True) and a.pa == pytest.approx(b.pa, nan_ok=True)
+    assert a.correlations == pytest.approx(b.correlations, abs=1e-9)
+    assert a.m_o == pytest.approx(b.m_o, abs=1e-9) and a.m_opair == pytest.approx(b.m_opair, abs=1e-9)
+
+
+@PROPERTY
+@given(_rows(len(MTG_NAMES), max_size=10), st.integers(1, 3))
+def test_property_mtg_nan_rows_change_nothing(rows, n_nan):
+    a, b = _mtg(rows), _mtg(rows + [[nan] * len(MTG_NAMES)] * n_nan)
+    assert (a.n, a.wins, a.trials, a.correlations) == (b.n, b.wins, b.trials, b.correlations)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(FINITE, CELL, CELL), min_size=1, max_size=10))
+def test_property_mtg_ties_lose(rows):
+    # s(1,1p) and s(2,2p) equal s(1,2) (or are missing): no margin wins, no sample succeeds
+    sim_12 = [r[0] for r in rows]
+    res = mtg_metrics(sim_12, [r[0] if math.isfinite(r[1]) else nan for r in rows], [0.0] * len(rows),
+                      [r[0] if math.isfinite(r[2]) else nan for r in rows], [0.0] * len(rows),
+                      [1.0] * len(rows), [1.0] * len(rows))
+    assert res.wins == 0 and res.trials == sum(math.isfinite(r[1]) + math.isfinite(r[2]) for r in rows)
+    assert res.ssr == 0.0 or (res.n == 0 and math.isnan(res.ssr))
+
+
+@PROPERTY
+@given(st.data(), st.lists(st.tuples(CELL, CELL), min_size=0, max_size=12))
+def test_property_pearson_symmetric_bounded_permutation_and_nan_pairs(data, pairs):
+    x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+    r = pearson(x, y)
+    assert -1.0 <= r <= 1.0 and r == pytest.approx(pearson(y, x), abs=1e-12)
+    order = data.draw(st.permutations(range(len(pairs))))
+    assert pearson([x[i] for i in order], [y[i] for i in order]) == pytest.approx(r, abs=1e-12)
+    assert pearson(x + [nan, 0.5], y + [0.25, nan]) == r  # pairs with a NaN side are left out
+
+
+@PROPERTY
+@given(st.data(), st.lists(st.one_of(st.floats(-1, 1), st.just(nan)), max_size=8))
+def test_property_fisher_z_mean_permutation_bounds_and_nan(data, values):
+    z = fisher_z_mean(values, clip=0.999)
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        assert math.isnan(z)
+        return
+    lo, hi = (float(np.clip(v, -0.999, 0.999)) for v in (min(finite), max(finite)))
+    assert lo - 1e-9 <= z <= hi + 1e-9  # a mean lies within the (clipped) values
+    order = data.draw(st.permutations(range(len(values))))
+    assert fisher_z_mean([values[i] for i in order], clip=0.999) == pytest.approx(z, abs=1e-12)
+    assert fisher_z_mean(finite, clip=0.999) == z

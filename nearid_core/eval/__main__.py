@@ -12,43 +12,34 @@ Usage::
 Model runs take ``--model`` (hub id or local dir; default the chosen baseline's weights, NearID for ``nearid``),
 ``--baseline`` (``nearid``, ``siglip2-map``, ``siglip2-mean``, ``clip-vit-l14``, ``dinov2-l``), ``--device``,
 ``--dtype``, ``--batch-size``, and write their per-sample similarity CSVs to ``--sims-out`` (re-summarise them later
-with ``--sims``). Every subcommand prints a table and takes ``--json``, ``--csv``, ``--latex`` and ``--plots DIR``.
+with ``--sims``). ``--sims`` tables are checked (columns, numbers, values in ``--sim-range``, default -1 1; unique
+sample ids); empty cells, like the missing views and distractors of ``--data``, are counted and reported under the
+table and in the JSON. Every subcommand prints a table and takes ``--json``, ``--csv``, ``--latex`` and ``--plots DIR``.
+A mistake in the command line or the inputs exits with status 2 and one message.
 Launch with ``accelerate launch -m nearid_core.eval ...`` to split the embedding over several GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..data import EVAL_SOURCES, load_hf_mtg, load_hf_nearid, load_local_mtg, load_local_nearid, local_sources
-from .baselines import BASELINES, load_embedder, model_tag
+# Only light modules here: arguments are parsed and checked before torch, transformers or a dataset library loads.
 from .metrics import M_H_CATEGORIES
-from .benchmarks import (
-    INDEXING_MODES,
-    MASK_MODES,
-    Table,
-    distributed_context,
-    mtg_from_sims,
-    nearid_bench_from_sims,
-    plot_dreambench_bars,
-    plot_mtg_ecdf,
-    plot_nearid_bench,
-    run_dreambench,
-    run_mtg,
-    run_nearid_bench,
-    score_dreambench,
-    write_json,
-)
+from .names import BASELINE_NAMES, DTYPE_NAMES, INDEXING_MODES, MASK_MODES, RATING_NAME_PATTERN, SIM_RANGE
+
+if TYPE_CHECKING:
+    from .benchmarks import Table
 
 logger = logging.getLogger("nearid_core.eval")
 
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_FLAGS = ("model", "baseline", "device", "dtype", "batch_size", "sims_out", "cache_dir")
 
 
@@ -56,12 +47,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (not with --sims)")
     g.add_argument("--model", help="hub id or local dir of the weights (default: the baseline's; NearID: "
                                    "Aleksandar/nearid-siglip2)")
-    g.add_argument("--baseline", choices=sorted(BASELINES), help="embedder family (default nearid)")
+    g.add_argument("--baseline", choices=BASELINE_NAMES, help="embedder family (default nearid)")
     g.add_argument("--device", help="torch device (default cuda if available, else cpu; per process when launched "
                                     "with accelerate)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default auto: fp16 on CUDA)")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (default auto: fp16 on CUDA)")
     g.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     g.add_argument("--cache-dir", help="cache folder for hub models and datasets")
+
+
+def _add_sim_range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sim-range", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="--sims only: the scale of the similarity cells (default -1 1, cosines); a cell outside it "
+                        "is an error")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -74,7 +71,8 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nearid_core.eval", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser = argparse.ArgumentParser(prog="python -m nearid_core.eval",
+                                     description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("nearid-bench", help="NearID-Bench SSR / PA per distractor source and micro-pooled")
@@ -82,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="local dataset folder (layout: nearid_core.data)")
     src.add_argument("--hf", action="store_true", help="hub datasets Aleksandar/NearID + Aleksandar/NearID-<Source>")
     src.add_argument("--sims", nargs="+", type=Path, metavar="CSV", help="per-sample similarity CSVs, one per source")
-    p.add_argument("--sources", nargs="+", help=f"distractor sources (default: --hf {' '.join(EVAL_SOURCES)}; "
-                                                "--data every folder under distractors/)")
+    p.add_argument("--sources", nargs="+", help="distractor sources (default: --hf the seven of the paper, "
+                                                "nearid_core.data.EVAL_SOURCES; --data every folder under "
+                                                "distractors/)")
     p.add_argument("--split", help="split name, 'all', or (--data) a JSON file (default test)")
     p.add_argument("--indices", type=Path, help="JSON list of 0-based row positions selecting the split")
     p.add_argument("--masks", choices=MASK_MODES, help="full images (default, Table 1) or fg (cleaned masks)")
@@ -91,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "sim_test.py compaction")
     p.add_argument("--sims-out", type=Path, help="folder for the per-sample CSVs (default "
                                                  "eval_outputs/<model>/nearid-bench_<masks>)")
+    _add_sim_range(p)
     _add_model_options(p)
     _add_output_options(p)
 
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", choices=MASK_MODES, help="full (default) or fg (object masks, uncleaned)")
     p.add_argument("--sims-out", type=Path,
                    help="per-sample CSV to write (default eval_outputs/<model>/mtg_<masks>.csv)")
+    _add_sim_range(p)
     _add_model_options(p)
     _add_output_options(p)
 
@@ -126,8 +127,56 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
 
 
+def _check_input_file(path: Path, flag: str) -> None:
+    """An input file must exist, be a file and not be empty."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; pass the file(s) inside it (e.g. {path}/*.csv)")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file (if it holds a shell pattern, the pattern matched nothing)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{flag} {path} is empty")
+
+
+def _check_input_folder(path: Path, flag: str) -> None:
+    if not path.is_dir():
+        raise ValueError(f"{flag} {path}: {'not a folder' if path.exists() else 'no such folder'}")
+
+
+def _check_json_file(path: Path, flag: str) -> None:
+    _check_input_file(path, flag)
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag} {path} is not valid JSON: {err}") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Output paths must be creatable: a file is not an existing folder and a folder is not an existing file."""
+    files = [("--json", args.json), ("--csv", args.csv), ("--latex", args.latex)] if hasattr(args, "json") else []
+    folders = [("--plots", args.plots)] if hasattr(args, "plots") else []
+    sims_out = getattr(args, "sims_out", None)
+    (files if args.command == "mtg" else folders).append(("--sims-out", sims_out))
+    for flag, path in files:
+        if path is not None and path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file name")
+    for flag, path in folders:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file; give a folder")
+
+
+def _check_sim_range(args: argparse.Namespace) -> None:
+    if args.sim_range is None:
+        args.sim_range = SIM_RANGE
+        return
+    lo, hi = args.sim_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"--sim-range needs two finite numbers LO < HI, got {lo:g} {hi:g}")
+    args.sim_range = (lo, hi)
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Check flag combinations and fill defaults; raises ValueError naming the flags. Loads nothing."""
+    """Check flag combinations, input and output paths, and fill defaults; raises ValueError naming the flag and
+    the fix. Loads nothing but small JSON files."""
     cmd = args.command
     if cmd in ("nearid-bench", "mtg"):
         if args.sims is not None:
@@ -135,11 +184,23 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                                                                       if cmd == "nearid-bench" else ()))
             if extra:
                 raise ValueError(f"{cmd} --sims summarises precomputed similarities; {', '.join(extra)} do not apply")
+            _check_sim_range(args)
+            for path in args.sims if cmd == "nearid-bench" else [args.sims]:
+                _check_input_file(path, "--sims")
+            _check_outputs(args)
             return args
+        if args.sim_range is not None:
+            raise ValueError("--sim-range declares the scale of --sims tables; it does not apply to a model run")
         if cmd == "nearid-bench" and args.indices is not None and args.split not in (None, "all"):
             raise ValueError("give either --split or --indices, not both (--indices selects the rows itself)")
         if cmd == "mtg" and args.data is not None and args.split is not None:
             raise ValueError("mtg --data: the local MTG layout has no splits; --split applies to --hf only")
+        if args.data is not None:
+            _check_input_folder(args.data, "--data")
+        if cmd == "nearid-bench" and args.indices is not None:
+            _check_json_file(args.indices, "--indices")
+        if cmd == "nearid-bench" and args.split and args.split.endswith(".json") and Path(args.split).is_file():
+            _check_json_file(Path(args.split), "--split")
         args.masks = args.masks or "full"
         if cmd == "nearid-bench":
             args.indexing = args.indexing or "aligned"
@@ -148,14 +209,27 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.batch_size = 32 if args.batch_size is None else args.batch_size
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if cmd == "dreambench":
+        _check_input_folder(args.ratings, "--ratings")
     if cmd == "dreambench-score":
+        _check_input_folder(args.samples, "--samples")
+        if args.ratings.exists() and not args.ratings.is_dir():
+            raise ValueError(f"--ratings {args.ratings} is a file; give the ratings folder")
         args.name = args.name or args.baseline.replace("-", "_")
+        if not re.fullmatch(RATING_NAME_PATTERN, args.name):
+            raise ValueError(f"--name {args.name!r} must be a simple identifier (letters, digits, _ . -)")
+    _check_outputs(args)
     return args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate the command line (ValueError for conflicting flags)."""
-    return validate_args(build_parser().parse_args(argv))
+    """Parse and check the command line; a mistake exits with status 2 and one message (``parser.error``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return validate_args(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -165,12 +239,19 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _embedder(args: argparse.Namespace, dist):
+    import torch
+
+    from .baselines import load_embedder
+
+    dtypes = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     device = args.device if args.device is not None else (dist.device if dist is not None else None)
     kwargs = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    return load_embedder(args.baseline, args.model, device=device, dtype=DTYPES[args.dtype or "auto"], **kwargs)
+    return load_embedder(args.baseline, args.model, device=device, dtype=dtypes[args.dtype or "auto"], **kwargs)
 
 
 def _emit(args: argparse.Namespace, tables: list[Table], payload: dict) -> None:
+    from .benchmarks import write_json
+
     for t in tables:
         print(t.to_text())
         print()
@@ -186,12 +267,16 @@ def _emit(args: argparse.Namespace, tables: list[Table], payload: dict) -> None:
 
 def _run_label(embedder) -> str:
     """Name of a model run in file names: the weights' tag, prefixed by the baseline unless it is NearID."""
+    from .baselines import model_tag
+
     tag = model_tag(embedder.model_id)
     return tag if embedder.name == "nearid" else f"{embedder.name}_{tag}"
 
 
 def _bench_records(args: argparse.Namespace):
     """(records, sources) of a nearid-bench model run, from --data or --hf."""
+    from ..data import EVAL_SOURCES, load_hf_nearid, load_local_nearid, local_sources
+
     if args.data is not None:
         split = args.indices if args.indices is not None else args.split
         if split is None:
@@ -205,8 +290,10 @@ def _bench_records(args: argparse.Namespace):
 
 
 def _cmd_nearid_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import distributed_context, nearid_bench_from_sims, plot_nearid_bench, run_nearid_bench
+
     if args.sims is not None:
-        result, label = nearid_bench_from_sims(args.sims), "sims"
+        result, label = nearid_bench_from_sims(args.sims, sim_range=args.sim_range), "sims"
     else:
         records, sources = _bench_records(args)
         dist = distributed_context()
@@ -227,8 +314,11 @@ def _cmd_nearid_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_mtg(args: argparse.Namespace) -> int:
+    from ..data import load_hf_mtg, load_local_mtg
+    from .benchmarks import distributed_context, mtg_from_sims, plot_mtg_ecdf, run_mtg
+
     if args.sims is not None:
-        result, label = mtg_from_sims(args.sims), args.sims.stem
+        result, label = mtg_from_sims(args.sims, sim_range=args.sim_range), args.sims.stem
     else:
         records = load_local_mtg(args.data) if args.data is not None else load_hf_mtg(
             args.split or "test", cache_dir=args.cache_dir)
@@ -248,6 +338,8 @@ def _cmd_mtg(args: argparse.Namespace) -> int:
 
 
 def _cmd_dreambench(args: argparse.Namespace) -> int:
+    from .benchmarks import plot_dreambench_bars, run_dreambench
+
     result = run_dreambench(args.ratings, args.category)
     _emit(args, [result.table()] + result.method_tables(), result.to_json())
     if args.plots:
@@ -256,6 +348,8 @@ def _cmd_dreambench(args: argparse.Namespace) -> int:
 
 
 def _cmd_dreambench_score(args: argparse.Namespace) -> int:
+    from .benchmarks import distributed_context, score_dreambench
+
     dist = distributed_context()
     embedder = _embedder(args, dist)
     out = score_dreambench(args.samples, embedder, args.ratings, args.name, batch_size=args.batch_size, dist=dist,
@@ -274,10 +368,20 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status."""
+    """Run one subcommand; returns the exit status.
+
+    A user's mistake exits with status 2 and one message, never a traceback: flags and paths are checked by
+    :func:`parse_args` before anything loads; a bad table, rating file, dataset or checkpoint found later
+    (``ValueError`` or ``OSError`` and their subclasses) is reported through the parser too (the traceback is
+    logged at DEBUG level).
+    """
     args = parse_args(argv)
     _setup_logging(args.quiet)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as err:
+        logger.debug("%s failed", args.command, exc_info=True)
+        build_parser().error(" ".join(str(err).split()) or type(err).__name__)
 
 
 if __name__ == "__main__":

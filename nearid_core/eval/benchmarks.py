@@ -20,6 +20,11 @@ back by the ``--sims`` modes, so any third-party metric can be benchmarked:
   vs the distractor in view 2's background, empty if either is missing); ``indexing="compact"`` reproduces the
   reference ``sim_test.py``, which numbers present images only and drops rows with < 2 positives or no distractor.
 * MTG: ``sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1, oracle_2`` (+ ``sample_id``).
+
+Every table read back is checked (:func:`read_sims_csv`): the columns the metric needs, numbers only, similarities
+within the declared range (cosines: [-1, 1]), unique ``sample_id``. What is missing is counted, never silently
+dropped: the results carry :class:`TableReport` (rows, directed terms missing) and, for dataset runs, the gaps of the
+dataset (:class:`BenchDataGaps`, :class:`MTGDataGaps`); both go into the JSON and the notes under the printed table.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +50,7 @@ from ..preprocessing import IMAGE_SUFFIXES
 from ..data import MAX_VIEWS, MTGRecord, NearIDRecord, apply_mask, clean_mask, mask_array
 from .metrics import (
     BENCH_COLUMNS,
+    DIRECTED_TERMS,
     M_H_CATEGORIES,
     BenchMetrics,
     MTGMetrics,
@@ -55,17 +61,21 @@ from .metrics import (
     m_h_per_method,
     mtg_metrics,
     mtg_oracle,
+    nearid_bench_margins,
     nearid_bench_metrics,
 )
+from .names import INDEXING_MODES, MASK_MODES, RATING_NAME_PATTERN, SIM_RANGE
 
 logger = logging.getLogger(__name__)
 
 POOLED = "all"
-MASK_MODES = ("full", "fg")
-INDEXING_MODES = ("aligned", "compact")
 SIM_PAIRS = ((0, 1), (0, 2), (1, 2))
 BENCH_INFO_COLUMNS = ("sample_id", "category", "n_pos", "n_neg")
 MTG_COLUMNS = ("sim_12", "sim_1_1p", "sim_1_2p", "sim_2_2p", "sim_2_1p", "oracle_1", "oracle_2")
+MTG_SIMS = MTG_COLUMNS[:5]
+#: Columns every NearID-Bench table needs (2-view samples), and the group a third view adds (all or none).
+BENCH_REQUIRED = ("sim_01", "cross_00", "cross_11")
+BENCH_THIRD_VIEW = ("sim_02", "sim_12", "cross_22")
 _M_H_CLIP = 0.9999
 
 # DreamBench++ sample run-folder prefix -> method name of the rating files (generated folders spell out vit_huge etc.)
@@ -255,56 +265,187 @@ def write_sims_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], c
     return path
 
 
-def _parse_float(text: str, path: Path, line: int, column: str) -> float:
+class SimsTableError(ValueError):
+    """A per-sample table or rating file that cannot give a right answer; the message names the file, the place in
+    it and the fix."""
+
+
+class ValueRange(NamedTuple):
+    """Allowed values of a table column, inclusive, with ``slack`` for rounding; ``fix`` is shown when a cell is
+    outside them."""
+
+    lo: float
+    hi: float
+    fix: str
+    slack: float = 0.0
+    integer: bool = False
+
+
+_MISSING_CELLS = ("", "nan", "-nan", "na", "n/a", "none", "null")
+
+
+def _similarity_ranges(columns: Iterable[str], sim_range: tuple[float, float] = SIM_RANGE) -> dict[str, ValueRange]:
+    """A :class:`ValueRange` for each similarity column: ``sim_range`` with 0.25 % of its width as rounding slack
+    (fp16 embeddings give cosines a little above 1)."""
+    lo, hi = map(float, sim_range)
+    if not lo < hi:
+        raise ValueError(f"a similarity range needs low < high, got {sim_range}")
+    if (lo, hi) == SIM_RANGE:
+        fix = ("similarities are cosines in [-1, 1]; a scorer on another scale (e.g. 100 x cosine, a 0-10 judge) must "
+               "declare it with --sim-range LO HI")
+    else:
+        fix = f"the declared scale of the similarities is [{lo:g}, {hi:g}] (--sim-range)"
+    return {c: ValueRange(lo, hi, fix, slack=0.0025 * (hi - lo)) for c in columns}
+
+
+def _parse_cell(text: str, path: Path, line: int, column: str, limits: ValueRange | None) -> float:
+    """One cell: empty / ``nan`` -> NaN, else a finite number inside ``limits``."""
     text = text.strip()
-    if text == "" or text.lower() in ("nan", "na", "none", "null"):
+    if text.lower() in _MISSING_CELLS:
         return math.nan
+    where = f"{path}, line {line}, column {column!r}"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValueError(
-            f"{path}, line {line}, column {column!r}: {text!r} is not a number (leave missing cells empty)"
-        ) from None
+        raise SimsTableError(f"{where}: {text!r} is not a number (leave a missing value empty)") from None
+    if math.isnan(value):
+        return math.nan
+    if not math.isfinite(value):
+        raise SimsTableError(f"{where}: {text!r} is not a finite number (leave a missing value empty)")
+    if limits is not None:
+        if limits.integer and value != int(value):
+            raise SimsTableError(f"{where}: {text!r} is not a whole number; {limits.fix}")
+        if not limits.lo - limits.slack <= value <= limits.hi + limits.slack:
+            raise SimsTableError(f"{where}: {text} is outside [{limits.lo:g}, {limits.hi:g}]; {limits.fix}")
+    return value
+
+
+def _check_unique_ids(path: Path, rows: Sequence[tuple[int, list[str]]], index: int, column: str) -> None:
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        key = row[index].strip()
+        if key and key in seen:
+            raise SimsTableError(f"{path}: {column} {key!r} is on lines {seen[key]} and {line}; each sample needs "
+                                 "exactly one row (remove or rename the duplicate)")
+        seen.setdefault(key, line)
 
 
 def read_sims_csv(
-    path: str | os.PathLike, known: Sequence[str], required: Sequence[str] = (), need_any: bool = True
+    path: str | os.PathLike,
+    known: Sequence[str],
+    required: Sequence[str] = (),
+    together: Sequence[Sequence[str]] = (),
+    ranges: Mapping[str, ValueRange] | None = None,
+    id_column: str = "sample_id",
+    hint: str = "",
 ) -> dict[str, np.ndarray]:
-    """Read the numeric columns named in ``known`` from a per-sample CSV (empty cell -> NaN).
+    """Read and check the numeric columns named in ``known`` of a per-sample CSV (empty cell -> NaN).
+
+    Checked: the file reads as a UTF-8 CSV with a header and at least one row; no column named twice; every
+    ``required`` column present, and each group in ``together`` complete or absent; each row as long as the header;
+    each cell empty / ``nan`` or a finite number within its column's ``ranges`` entry; ``id_column`` values (when the
+    column exists) unique. Other columns are ignored.
 
     Args:
-        path: CSV file with a header row; unknown columns are ignored.
-        known: column names to read when present.
+        path: CSV file.
+        known: columns to read when present.
         required: columns that must be present.
-        need_any: fail when none of ``known`` is present.
+        together: groups of columns that are all present or all absent.
+        ranges: column -> allowed values.
+        id_column: column of sample ids that must be unique.
+        hint: the table format in words, appended to column errors.
 
     Returns:
-        column -> [N] float64 array.
+        column -> [N] float64 array, for the columns of ``known`` that are present.
 
     Raises:
-        ValueError: missing columns or a non-numeric cell (the message names the file, line and column).
+        SimsTableError: the message names the file, the line and column where it applies, and the fix.
     """
     path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise ValueError(f"{path} is empty; expected a header row with columns such as {list(known)[:4]}")
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {missing}; header: {header}")
-        present = [c for c in known if c in header]
-        if need_any and not present:
-            raise ValueError(f"{path} has none of the columns {list(known)}; header: {header}")
-        where = {c: header.index(c) for c in present}
-        values: dict[str, list[float]] = {c: [] for c in present}
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            for c, i in where.items():
-                values[c].append(_parse_float(row[i] if i < len(row) else "", path, line, c))
-    return {c: np.asarray(v, dtype=np.float64) for c, v in values.items()}
+    ranges = ranges or {}
+    hint = f" {hint}" if hint else ""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            lines = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SimsTableError(f"cannot read {path} as a UTF-8 CSV file: {err}") from None
+    if not lines or not any(cell.strip() for cell in lines[0][1]):
+        raise SimsTableError(f"{path} is empty or starts with a blank line; expected a header row naming the "
+                             f"columns.{hint}")
+    header = [h.strip() for h in lines[0][1]]
+    twice = sorted({h for h in header if h and header.count(h) > 1})
+    if twice:
+        raise SimsTableError(f"{path}: the header names {twice} more than once; keep one column of each")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise SimsTableError(f"{path} lacks the column(s) {missing}; header: {header}.{hint}")
+    for group in together:
+        have, lack = [c for c in group if c in header], [c for c in group if c not in header]
+        if have and lack:
+            raise SimsTableError(f"{path} has the column(s) {have} but lacks {lack}: give all of {list(group)} (a "
+                                 f"column may be empty) or none of them.{hint}")
+    rows = [(line, row) for line, row in lines[1:] if len(row) > 1 or (row and row[0].strip())]  # not blank lines
+    if not rows:
+        raise SimsTableError(f"{path} has a header but no data rows")
+    for line, row in rows:
+        if len(row) != len(header):
+            raise SimsTableError(f"{path}, line {line}: {len(row)} cells but the header has {len(header)} columns; "
+                                 "every row needs one cell per column (leave missing values empty, quote cells "
+                                 "that contain commas)")
+    if id_column in header:
+        _check_unique_ids(path, rows, header.index(id_column), id_column)
+    return {
+        c: np.array([_parse_cell(row[header.index(c)], path, line, c, ranges.get(c)) for line, row in rows],
+                    dtype=np.float64)
+        for c in known if c in header
+    }
+
+
+@dataclass(frozen=True)
+class TableReport:
+    """What a per-sample table holds beyond the metrics: how many rows, and how many terms are missing.
+
+    Attributes:
+        rows: samples (rows) in the table.
+        expected_terms: terms the rows should give: a NearID-Bench row with ``n_pos`` views gives n_pos (n_pos - 1)
+            directed terms (without ``n_pos``: every term the table's columns allow); an MTG row gives 2 margins.
+        missing_terms: expected terms that are not there (an empty or NaN cell: a missing image or similarity).
+        evaluated: rows with at least one term (the metrics' ``n``).
+        blank_cells: column -> empty / NaN cells (MTG only: there every cell is expected).
+    """
+
+    rows: int
+    expected_terms: int
+    missing_terms: int
+    evaluated: int
+    blank_cells: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": self.rows, "missing_terms": self.missing_terms}
+        return out | ({"blank_cells": dict(self.blank_cells)} if self.blank_cells else {})
+
+    def note(self, name: str, term: str = "directed terms") -> str | None:
+        """One line on what is missing, or None when nothing is."""
+        parts = []
+        if self.missing_terms:
+            parts.append(f"{self.missing_terms} of {self.expected_terms} {term} missing (empty or NaN cells)")
+        if self.evaluated < self.rows:
+            parts.append(f"{self.rows - self.evaluated} of {self.rows} rows have no term and are not counted")
+        if self.blank_cells:
+            parts.append("empty cells: " + ", ".join(f"{c} {k}" for c, k in self.blank_cells.items()))
+        return f"{name}: " + "; ".join(parts) if parts else None
+
+
+def _pool_reports(reports: Iterable[TableReport]) -> TableReport:
+    """Sum several tables' reports (the pooled row)."""
+    reports = list(reports)
+    blank: dict[str, int] = {}
+    for r in reports:
+        for c, k in r.blank_cells.items():
+            blank[c] = blank.get(c, 0) + k
+    return TableReport(sum(r.rows for r in reports), sum(r.expected_terms for r in reports),
+                       sum(r.missing_terms for r in reports), sum(r.evaluated for r in reports), blank)
 
 
 # ====================================================================================================================
@@ -317,6 +458,50 @@ def bench_columns() -> list[str]:
     return list(BENCH_INFO_COLUMNS) + list(BENCH_COLUMNS)
 
 
+_BENCH_HINT = ("A NearID-Bench table needs sim_01, cross_00 and cross_11, plus sim_02, sim_12 and cross_22 when "
+               "samples have a third view; leave missing values empty.")
+
+
+@dataclass(frozen=True)
+class BenchDataGaps:
+    """Gaps of a NearID-Bench dataset: they cost directed terms, so the results report them.
+
+    Attributes:
+        samples: identities read.
+        missing_views: empty view slots a sample needs (views 1 and 2, and every slot before its last present view).
+        missing_distractors: source -> present views without a distractor in their background in that source.
+    """
+
+    samples: int
+    missing_views: int
+    missing_distractors: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "missing_views": self.missing_views,
+                "missing_distractors": dict(self.missing_distractors)}
+
+    def note(self) -> str | None:
+        """One line on the gaps, or None when there are none."""
+        n_dist = sum(self.missing_distractors.values())
+        if not self.missing_views and not n_dist:
+            return None
+        per_source = ", ".join(f"{s} {k}" for s, k in self.missing_distractors.items() if k)
+        return (f"data: {self.samples} samples, {self.missing_views} missing positive views, {n_dist} missing "
+                f"distractors{f' ({per_source})' if per_source else ''}; their terms are not counted")
+
+
+def _record_gaps(rec: NearIDRecord, sources: Sequence[str]) -> tuple[int, dict[str, int]]:
+    """(missing view slots, source -> views without their distractor) of one identity; see :class:`BenchDataGaps`."""
+    present = [v is not None for v in rec.views[:MAX_VIEWS]]
+    last = max((j for j, p in enumerate(present) if p), default=-1)
+    views = sum(not p for p in present[: max(last, 1) + 1])
+    dist = {}
+    for s in sources:
+        slots = rec.distractors.get(s) or []
+        dist[s] = sum(p and (j >= len(slots) or slots[j] is None) for j, p in enumerate(present))
+    return views, dist
+
+
 @dataclass
 class NearIDBenchResult:
     """NearID-Bench outcome.
@@ -325,27 +510,43 @@ class NearIDBenchResult:
         metrics: source -> metrics, then :data:`POOLED` -> micro-pooled metrics.
         rows: source -> per-sample rows (CSV columns :func:`bench_columns`); empty for summaries of CSVs.
         n_embedded: images embedded by this process.
+        reports: source -> rows and missing terms of its table.
+        gaps: gaps of the dataset (model runs only).
     """
 
     metrics: dict[str, BenchMetrics]
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     n_embedded: int = 0
+    reports: dict[str, TableReport] = field(default_factory=dict)
+    gaps: BenchDataGaps | None = None
 
     @property
     def sources(self) -> list[str]:
         return [k for k in self.metrics if k != POOLED]
 
     def to_json(self) -> dict[str, Any]:
-        """``SSR, PA, PA_terms, SSR_mean`` (percent) and ``n`` micro-pooled, plus the same per source with counts."""
+        """``SSR, PA, PA_terms, SSR_mean`` (percent), ``n``, ``rows`` and ``missing_terms`` micro-pooled, the same
+        per source with counts, and (model runs) ``data``: the dataset's gaps."""
         pooled = self.metrics[POOLED]
-        return {
+        out: dict[str, Any] = {
             "SSR": pooled.ssr,
             "PA": pooled.pa,
             "PA_terms": pooled.pa_terms,
             "SSR_mean": pooled.ssr_mean,
             "n": pooled.n,
-            "per_source": {s: _bench_entry(self.metrics[s]) for s in self.sources},
         }
+        if self.reports:
+            out |= _pool_reports(self.reports.values()).to_json()
+        out["per_source"] = {s: _bench_entry(self.metrics[s]) | (self.reports[s].to_json() if s in self.reports
+                                                                    else {}) for s in self.sources}
+        if self.gaps is not None:
+            out["data"] = self.gaps.to_json()
+        return out
+
+    def notes(self) -> list[str]:
+        """Lines on missing terms and dataset gaps (empty when nothing is missing)."""
+        lines = [r.note(s) for s, r in self.reports.items()] + [self.gaps.note() if self.gaps else None]
+        return [line for line in lines if line]
 
     def write_sims(self, directory: str | os.PathLike) -> list[Path]:
         """Write one ``<source>.csv`` per source (re-summarise with ``nearid-bench --sims <dir>/*.csv``)."""
@@ -353,7 +554,8 @@ class NearIDBenchResult:
 
     def table(self, title: str = "NearID-Bench") -> "Table":
         rows = [[s, m.n, m.ssr, m.pa, m.pa_terms, m.ssr_mean] for s, m in self.metrics.items()]
-        return Table(title, ["source", "n", "SSR", "PA", "PA_terms", "SSR_mean"], rows, digits=2, rule_before=POOLED)
+        return Table(title, ["source", "n", "SSR", "PA", "PA_terms", "SSR_mean"], rows, digits=2, rule_before=POOLED,
+                     notes=self.notes())
 
 
 def _bench_entry(m: BenchMetrics) -> dict[str, Any]:
@@ -366,29 +568,57 @@ def _columns_of(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict
     return {c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in names}
 
 
+def _bench_table_report(columns: Mapping[str, np.ndarray]) -> TableReport:
+    """Rows and missing directed terms of one NearID-Bench table (its ``n_pos`` column, when given, says how many
+    terms each row should have; see :class:`TableReport`)."""
+    margins = nearid_bench_margins(columns)
+    valid = np.isfinite(margins).sum(axis=1)
+    allowed = sum(s in columns and c in columns for s, c in DIRECTED_TERMS)
+    n_pos = np.asarray(columns["n_pos"], dtype=np.float64) if "n_pos" in columns else np.full(len(valid), np.nan)
+    expected = np.maximum(np.where(np.isnan(n_pos), allowed, n_pos * (n_pos - 1)), valid).astype(int)
+    return TableReport(len(valid), int(expected.sum()), int((expected - valid).sum()), int((valid > 0).sum()))
+
+
 def _summarize_bench(tables: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, BenchMetrics]:
     if POOLED in tables:
         raise ValueError(f"a distractor source may not be called {POOLED!r} (reserved for the pooled row)")
     return nearid_bench_metrics(tables, pooled_name=POOLED)
 
 
-def nearid_bench_from_sims(paths: Sequence[str | os.PathLike]) -> NearIDBenchResult:
+def _bench_ranges(sim_range: tuple[float, float] = SIM_RANGE) -> dict[str, ValueRange]:
+    """Allowed values of the NearID-Bench CSV columns: similarities within ``sim_range``, ``n_pos`` 0 to 3."""
+    ranges = _similarity_ranges(BENCH_COLUMNS, sim_range)
+    ranges["n_pos"] = ValueRange(0, MAX_VIEWS, f"n_pos counts the sample's positive views (0 to {MAX_VIEWS})",
+                                 integer=True)
+    return ranges
+
+
+def nearid_bench_from_sims(
+    paths: Sequence[str | os.PathLike], sim_range: tuple[float, float] = SIM_RANGE
+) -> NearIDBenchResult:
     """NearID-Bench metrics from per-sample CSVs, one per distractor source (source name = file stem).
 
+    Each file is checked by :func:`read_sims_csv`: ``sim_01, cross_00, cross_11`` present, ``sim_02, sim_12,
+    cross_22`` all or none, similarities in ``sim_range``, ``n_pos`` (optional) 0-3, unique ``sample_id``.
+    Missing terms are counted in the result's reports.
+
     Raises:
-        ValueError: two files with the same stem, a file without any ``sim_*`` / ``cross_*`` column, bad cells.
+        SimsTableError: a malformed file (named, with the line, column and fix).
+        ValueError: no file, or two files with the same stem.
     """
     if not paths:
         raise ValueError("no similarity CSV given")
     tables: dict[str, dict[str, np.ndarray]] = {}
     origin: dict[str, Path] = {}
+    ranges = _bench_ranges(sim_range)
     for p in map(Path, paths):
         name = p.stem
         if name in tables:
             raise ValueError(f"two CSVs give source {name!r}: {origin[name]} and {p}; source names are file stems")
-        tables[name] = read_sims_csv(p, BENCH_COLUMNS)
+        tables[name] = read_sims_csv(p, BENCH_COLUMNS + ("n_pos",), required=BENCH_REQUIRED,
+                                     together=[BENCH_THIRD_VIEW], ranges=ranges, hint=_BENCH_HINT)
         origin[name] = p
-    return NearIDBenchResult(_summarize_bench(tables))
+    return NearIDBenchResult(_summarize_bench(tables), reports={s: _bench_table_report(t) for s, t in tables.items()})
 
 
 def _warn_once(flag: dict, key: str, message: str, *args) -> None:
@@ -470,6 +700,9 @@ def run_nearid_bench(
 ) -> NearIDBenchResult:
     """Embed a NearID-Bench split and compute SSR / PA per source and micro-pooled.
 
+    Views missing from a sample and views without their distractor cost terms: they are counted in the result's
+    ``gaps`` (and logged), the terms they cost in its ``reports``.
+
     Args:
         records: identities (local or hub records); read once, in order.
         embedder: see :class:`~nearid_core.eval.baselines.Embedder`.
@@ -494,6 +727,7 @@ def run_nearid_bench(
     rows: dict[str, list[dict[str, Any]]] = {}
     pending: list[tuple[NearIDRecord, list, dict]] = []
     warned: dict = {}
+    n_samples, missing_views, missing_distractors = 0, 0, {}
 
     def drain() -> None:
         cache.flush()
@@ -512,6 +746,11 @@ def run_nearid_bench(
                 raise ValueError(f"identity {rec.identity_id} has no distractor source to evaluate")
         if not rows:
             rows = {s: [] for s in sources}
+            missing_distractors = {s: 0 for s in sources}
+        n_views, n_dist = _record_gaps(rec, sources)
+        n_samples, missing_views = n_samples + 1, missing_views + n_views
+        for s, k in n_dist.items():
+            missing_distractors[s] += k
         pos_keys, neg_keys = _queue_nearid(rec, sources, masks, cache, warned)
         pending.append((rec, pos_keys, neg_keys))
         if cache.n_pending >= flush_every:
@@ -519,9 +758,13 @@ def run_nearid_bench(
     drain()
     if not rows:
         raise ValueError("no identities to evaluate (empty split?)")
-    tables = {s: _columns_of(r, BENCH_COLUMNS) for s, r in rows.items()}
+    tables = {s: _columns_of(r, BENCH_COLUMNS + ("n_pos",)) for s, r in rows.items()}
     logger.info("nearid-bench: %d unique images embedded by this process", cache.n_embedded)
-    return NearIDBenchResult(_summarize_bench(tables), rows, cache.n_embedded)
+    gaps = BenchDataGaps(n_samples, missing_views, missing_distractors)
+    if gaps.note():
+        logger.warning("nearid-bench %s", gaps.note())
+    return NearIDBenchResult(_summarize_bench(tables), rows, cache.n_embedded,
+                             {s: _bench_table_report(t) for s, t in tables.items()}, gaps)
 
 
 # ====================================================================================================================
@@ -529,18 +772,58 @@ def run_nearid_bench(
 # ====================================================================================================================
 
 
+_MTG_HINT = ("An MTG table needs sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1 and oracle_2; leave missing "
+             "values empty.")
+
+
+@dataclass(frozen=True)
+class MTGDataGaps:
+    """Gaps of an MTG dataset.
+
+    Attributes:
+        samples: samples read.
+        missing_edits: part-edited images missing (their similarities are empty, so margins are lost).
+        missing_masks: views whose object or part mask is missing (their oracle is 0, as in the reference).
+    """
+
+    samples: int
+    missing_edits: int
+    missing_masks: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "missing_edits": self.missing_edits, "missing_masks": self.missing_masks}
+
+    def note(self) -> str | None:
+        """One line on the gaps, or None when there are none."""
+        if not self.missing_edits and not self.missing_masks:
+            return None
+        return (f"data: {self.samples} samples, {self.missing_edits} missing edited images (their terms are not "
+                f"counted), {self.missing_masks} views without object or part mask (oracle 0)")
+
+
 @dataclass
 class MTGResult:
-    """MTG outcome: metrics and (for model runs) the per-sample rows with columns ``sample_id`` + MTG_COLUMNS."""
+    """MTG outcome: metrics and (for model runs) the per-sample rows with columns ``sample_id`` + MTG_COLUMNS, the
+    table's report and (model runs) the dataset's gaps."""
 
     metrics: MTGMetrics
     rows: list[dict[str, Any]] = field(default_factory=list)
     n_embedded: int = 0
+    report: TableReport | None = None
+    gaps: MTGDataGaps | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """``MO, MOpair`` (correlations), ``SSR, PA`` (percent) and ``n``."""
+        """``MO, MOpair`` (correlations), ``SSR, PA`` (percent), ``n``, ``rows``, ``missing_terms`` (margins),
+        ``blank_cells`` (when any) and (model runs) ``data``: the dataset's gaps."""
         m = self.metrics
-        return {"MO": m.m_o, "MOpair": m.m_opair, "SSR": m.ssr, "PA": m.pa, "n": m.n}
+        out = {"MO": m.m_o, "MOpair": m.m_opair, "SSR": m.ssr, "PA": m.pa, "n": m.n}
+        out |= self.report.to_json() if self.report else {}
+        return out | ({"data": self.gaps.to_json()} if self.gaps else {})
+
+    def notes(self) -> list[str]:
+        """Lines on missing margins, empty cells and dataset gaps (empty when nothing is missing)."""
+        lines = [self.report.note("mtg", "margins") if self.report else None, self.gaps.note() if self.gaps else None]
+        return [line for line in lines if line]
 
     def columns(self) -> dict[str, np.ndarray]:
         return _columns_of(self.rows, MTG_COLUMNS)
@@ -556,19 +839,37 @@ class MTGResult:
                      [[m.n, m.m_o, m.m_opair, m.ssr, m.pa, m.ssr_mean, c["s11p_o1"], c["s22p_o2"], c["s12p_o2"],
                        c["s21p_o1"]]],
                      digits={"M-O": 3, "M-Opair": 3, "SSR": 1, "PA": 1, "SSR_mean": 1, "r(s11p,o1)": 3,
-                             "r(s22p,o2)": 3, "r(s12p,o2)": 3, "r(s21p,o1)": 3})
+                             "r(s22p,o2)": 3, "r(s12p,o2)": 3, "r(s21p,o1)": 3},
+                     notes=self.notes())
 
 
-def _mtg_from_columns(columns: Mapping[str, np.ndarray]) -> MTGMetrics:
-    return mtg_metrics(*(columns[c] for c in MTG_COLUMNS))
+def _mtg_summary(columns: Mapping[str, np.ndarray]) -> tuple[MTGMetrics, TableReport]:
+    """Metrics and report of an MTG table: every row should give 2 margins and fill every column."""
+    metrics = mtg_metrics(*(columns[c] for c in MTG_COLUMNS))
+    rows = len(columns[MTG_COLUMNS[0]])
+    blank = {c: int(np.isnan(columns[c]).sum()) for c in MTG_COLUMNS}
+    report = TableReport(rows, 2 * rows, 2 * rows - metrics.trials, metrics.n, {c: k for c, k in blank.items() if k})
+    return metrics, report
 
 
-def mtg_from_sims(path: str | os.PathLike) -> MTGResult:
-    """MTG metrics from a per-sample CSV with the columns :data:`MTG_COLUMNS` (empty cells allowed)."""
-    columns = read_sims_csv(path, MTG_COLUMNS, required=MTG_COLUMNS)
+def _mtg_ranges(sim_range: tuple[float, float] = SIM_RANGE) -> dict[str, ValueRange]:
+    """Allowed values of the MTG CSV columns: similarities within ``sim_range``, oracles at most 1 (1 - a ratio of
+    areas; negative when the part is larger than the object)."""
+    oracle = ValueRange(-math.inf, 1.0, "oracle = 1 - part area / object area is at most 1")
+    return _similarity_ranges(MTG_SIMS, sim_range) | {"oracle_1": oracle, "oracle_2": oracle}
+
+
+def mtg_from_sims(path: str | os.PathLike, sim_range: tuple[float, float] = SIM_RANGE) -> MTGResult:
+    """MTG metrics from a per-sample CSV with the columns :data:`MTG_COLUMNS` (empty cells allowed and counted).
+
+    Raises:
+        SimsTableError: a malformed file (see :func:`read_sims_csv`; similarities in ``sim_range``, oracles <= 1).
+    """
+    columns = read_sims_csv(path, MTG_COLUMNS, required=MTG_COLUMNS, ranges=_mtg_ranges(sim_range), hint=_MTG_HINT)
     n = len(columns[MTG_COLUMNS[0]])
     rows = [{c: float(columns[c][i]) for c in MTG_COLUMNS} for i in range(n)]
-    return MTGResult(_mtg_from_columns(columns), rows)
+    metrics, report = _mtg_summary(columns)
+    return MTGResult(metrics, rows, report=report)
 
 
 def run_mtg(
@@ -580,7 +881,8 @@ def run_mtg(
     progress: bool = True,
     flush_every: int | None = None,
 ) -> MTGResult:
-    """Embed MTG samples and compute M-O, M-Opair, SSR and PA.
+    """Embed MTG samples and compute M-O, M-Opair, SSR and PA; missing edited images and masks are counted in the
+    result's ``gaps`` (and logged).
 
     Args:
         masks: ``"full"``, or ``"fg"``: object mask v applied (uncleaned) to image v and its edited version.
@@ -594,6 +896,7 @@ def run_mtg(
     rows: list[dict[str, Any]] = []
     pending: list[tuple[MTGRecord, list, tuple[float, float]]] = []
     warned: dict = {}
+    missing_edits = missing_masks = 0
 
     def queue(image: Any, mask: Any) -> str | None:
         if image is None:
@@ -620,15 +923,20 @@ def run_mtg(
         keys = [queue(rec.originals[0], om[0]), queue(rec.originals[1], om[1]),
                 queue(rec.inpainted[0], om[0]), queue(rec.inpainted[1], om[1])]
         oracles = tuple(mtg_oracle(mask_array(rec.object_masks[v]), mask_array(rec.part_masks[v])) for v in (0, 1))
+        missing_edits += sum(x is None for x in rec.inpainted)
+        missing_masks += sum(rec.object_masks[v] is None or rec.part_masks[v] is None for v in (0, 1))
         pending.append((rec, keys, oracles))
         if cache.n_pending >= flush_every:
             drain()
     drain()
     if not rows:
         raise ValueError("no MTG samples to evaluate")
-    result = MTGResult(_mtg_from_columns(_columns_of(rows, MTG_COLUMNS)), rows, cache.n_embedded)
+    metrics, report = _mtg_summary(_columns_of(rows, MTG_COLUMNS))
+    gaps = MTGDataGaps(len(rows), missing_edits, missing_masks)
     logger.info("mtg: %d unique images embedded by this process", cache.n_embedded)
-    return result
+    if gaps.note():
+        logger.warning("mtg %s", gaps.note())
+    return MTGResult(metrics, rows, cache.n_embedded, report, gaps)
 
 
 # ====================================================================================================================
@@ -647,26 +955,58 @@ class DreamBenchRatings:
         human_1, human_2: method -> ratings of annotator group 1 / 2.
         scorers: scorer name (the ``<scorer>`` of ``data_<scorer>_rating``) -> method -> ratings.
         paths: (group or scorer, method) -> file, for messages.
+        missing: group or scorer -> method -> ratings that are null / NaN (left out of that file's correlations);
+            only files with some.
     """
 
     human_1: dict[str, dict[str, float]]
     human_2: dict[str, dict[str, float]]
     scorers: dict[str, dict[str, dict[str, float]]]
     paths: dict[tuple[str, str], Path] = field(default_factory=dict)
+    missing: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
         return list(self.human_1)
 
 
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json`` object hook that refuses a key given twice (plain ``json`` keeps the last one silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise SimsTableError(f"{path}: the key {key!r} is given twice; each image needs exactly one rating "
+                                     "(remove the duplicate)")
+            out[key] = value
+        return out
+
+    return hook
+
+
 def _read_rating(path: Path) -> dict[str, float]:
+    """A ``{image key: score}`` rating file; scores are finite numbers, or null / NaN for a missing rating (-> NaN)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise SimsTableError(f"cannot read {path}: {err}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise SimsTableError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path} must hold a non-empty JSON object {{image key: score}}")
-    return data
+        raise SimsTableError(f"{path} must hold a non-empty JSON object {{image key: score}}")
+    out = {}
+    for key, value in data.items():
+        if value is None:
+            value = math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SimsTableError(f"{path}, key {key!r}: the score {value!r} is not a number (use null for a missing "
+                                 "rating)")
+        if math.isinf(value):
+            raise SimsTableError(f"{path}, key {key!r}: the score {value!r} is not finite (use null for a missing "
+                                 "rating)")
+        out[key] = float(value)
+    return out
 
 
 def _scorer_folder(d: Path) -> Path:
@@ -719,7 +1059,14 @@ def load_dreambench_ratings(root: str | os.PathLike) -> DreamBenchRatings:
         for m in methods:
             paths[(name, m)] = folder / f"{m}.json"
             scorers[name][m] = _read_rating(folder / f"{m}.json")
-    ratings = DreamBenchRatings(human_1, human_2, scorers, paths)
+    missing: dict[str, dict[str, int]] = {}
+    for name, per_method in [("human_1", human_1), ("human_2", human_2)] + list(scorers.items()):
+        counts = {m: sum(math.isnan(v) for v in r.values()) for m, r in per_method.items()}
+        if any(counts.values()):
+            missing[name] = {m: k for m, k in counts.items() if k}
+    if missing:
+        logger.warning("DreamBench++ ratings: null / NaN ratings left out of the correlations: %s", missing)
+    ratings = DreamBenchRatings(human_1, human_2, scorers, paths, missing)
     for m in methods:
         names = ["human_1", "human_2"] + list(scorers)
         dicts = [human_1[m], human_2[m]] + [scorers[s][m] for s in scorers]
@@ -737,6 +1084,8 @@ class DreamBenchResult:
         per_method: scorer -> category -> method -> (r1 + r2) / 2.
         categories: categories evaluated.
         single: the caller asked for one category (JSON then drops the category level).
+        missing_ratings: group or scorer -> method -> null / NaN ratings left out (see
+            :attr:`DreamBenchRatings.missing`).
     """
 
     mh: dict[str, dict[str, float]]
@@ -744,23 +1093,32 @@ class DreamBenchResult:
     per_method: dict[str, dict[str, dict[str, float]]]
     categories: list[str]
     single: bool = False
+    missing_ratings: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def fisher_z_over_categories(self, values: Mapping[str, float]) -> float:
         return fisher_z_mean([values[c] for c in self.categories], _M_H_CLIP)
 
     def to_json(self) -> dict[str, Any]:
         """``mh``: scorer -> value (one category) or -> {category: value, "all_fisher_z": value};
-        ``human_human`` likewise; ``per_method``: scorer -> method -> value (or -> category -> method -> value)."""
+        ``human_human`` likewise; ``per_method``: scorer -> method -> value (or -> category -> method -> value);
+        ``missing_ratings``: group or scorer -> method -> null / NaN ratings (empty when none)."""
+        missing = {k: dict(v) for k, v in self.missing_ratings.items()}
         if self.single:
             c = self.categories[0]
             return {"mh": {s: v[c] for s, v in self.mh.items()}, "human_human": self.human_human[c],
-                    "per_method": {s: v[c] for s, v in self.per_method.items()}}
+                    "per_method": {s: v[c] for s, v in self.per_method.items()}, "missing_ratings": missing}
 
         def with_all(values: Mapping[str, float]) -> dict[str, float]:
             return {**values, "all_fisher_z": self.fisher_z_over_categories(values)}
 
         return {"mh": {s: with_all(v) for s, v in self.mh.items()}, "human_human": with_all(self.human_human),
-                "per_method": self.per_method}
+                "per_method": self.per_method, "missing_ratings": missing}
+
+    def notes(self) -> list[str]:
+        """One line per rating folder with null / NaN ratings (empty when there are none)."""
+        return [f"{name}: missing ratings left out of the correlations: "
+                + ", ".join(f"{method} {k}" for method, k in counts.items())
+                for name, counts in self.missing_ratings.items()]
 
     def table(self, title: str = "DreamBench++ M-H") -> "Table":
         cols = list(self.categories) + ([] if self.single else ["all_fisher_z"])
@@ -768,7 +1126,7 @@ class DreamBenchResult:
         for name, values in [("human-human", self.human_human)] + list(self.mh.items()):
             row = [values[c] for c in self.categories]
             rows.append([name] + row + ([] if self.single else [self.fisher_z_over_categories(values)]))
-        return Table(title, ["scorer"] + cols, rows, digits=3)
+        return Table(title, ["scorer"] + cols, rows, digits=3, notes=self.notes())
 
     def method_tables(self) -> list["Table"]:
         out = []
@@ -815,7 +1173,7 @@ def run_dreambench(
         for s, metric in data.scorers.items():
             per_method[s][c] = m_h_per_method(data.human_1, data.human_2, metric, category=c)
             mh[s][c] = fisher_z_mean(list(per_method[s][c].values()), _M_H_CLIP)
-    return DreamBenchResult(mh, human_human, per_method, list(categories), single)
+    return DreamBenchResult(mh, human_human, per_method, list(categories), single, data.missing)
 
 
 def _list_images(root: Path) -> dict[str, Path]:
@@ -861,7 +1219,7 @@ def score_dreambench(
     Raises:
         ValueError: a bad ``name``, no run folder, or src/tgt files that do not pair up.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not re.fullmatch(RATING_NAME_PATTERN, name):
         raise ValueError(f"rating name {name!r} must be a simple identifier (letters, digits, _ . -)")
     samples = Path(samples)
     runs = [samples] if (samples / "src_image").is_dir() else sorted(
@@ -906,6 +1264,7 @@ class Table:
         rows: cells (str, int, float; NaN / None print as ``--``).
         digits: decimals for floats, one for all columns or per column name.
         rule_before: a row label before which a horizontal rule is drawn (the pooled row).
+        notes: lines printed under the table (text) or as comments (LaTeX): what the inputs lacked.
     """
 
     title: str
@@ -913,6 +1272,7 @@ class Table:
     rows: list[list[Any]]
     digits: int | dict[str, int] = 2
     rule_before: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def _cell(self, column: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -937,6 +1297,7 @@ class Table:
             if self.rule_before is not None and raw[0] == self.rule_before:
                 out.append("-" * len(line(self.columns)))
             out.append(line(row))
+        out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -953,7 +1314,7 @@ class Table:
             if self.rule_before is not None and raw[0] == self.rule_before:
                 lines.append("\\midrule")
             lines.append(" & ".join(esc(c) for c in row) + " \\\\")
-        lines += ["\\bottomrule", "\\end{tabular}"]
+        lines += ["\\bottomrule", "\\end{tabular}"] + [f"% note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
 
