@@ -3,6 +3,9 @@
 Outside ComfyUI (plain Python, tests) every function falls back to something sensible: models are looked up in
 `$NEARID_MODELS_DIR` or `./models/nearid`, models run on the CPU, progress is not reported and nothing is interrupted.
 ComfyUI modules are looked up at call time, so tests can inject stand-ins through `sys.modules`.
+
+Model paths are confined to the registered `nearid` folders (symlinks resolved) unless the server owner sets
+`NEARID_ALLOW_ANY_MODEL_PATH=1`: prompts on a shared server must not read files elsewhere on the machine.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from collections import deque
 from types import ModuleType
 
 import torch
@@ -19,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 FOLDER_NAME = "nearid"
 MODEL_EXTENSIONS = {".safetensors", ".json"}  # head-only files, and config.json marking HF-format directories
+ALLOW_ANY_PATH_ENV = "NEARID_ALLOW_ANY_MODEL_PATH"
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def _module(name: str) -> ModuleType | None:
@@ -66,24 +72,82 @@ def model_folders() -> list[str]:
     return list(fp.get_folder_paths(FOLDER_NAME))
 
 
-def _walk_files(folder: str) -> list[str]:
+def allow_any_model_path() -> bool:
+    """True when the server owner opted in (`NEARID_ALLOW_ANY_MODEL_PATH=1`) to model paths outside the folders."""
+    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in _TRUE
+
+
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.normcase(path), os.path.normcase(folder)
+    return path == folder or path.startswith(os.path.join(folder, ""))
+
+
+def _real_folders() -> list[str]:
+    return [os.path.realpath(folder) for folder in model_folders()]
+
+
+def inside_model_folders(path: str, real_folders: list[str] | None = None) -> bool:
+    """Whether `path`, symlinks resolved, lies in one of the NearID model folders (their own symlinks resolved too;
+    `real_folders` caches them). The path need not exist."""
+    real = os.path.realpath(path)
+    return any(_within(real, folder) for folder in (real_folders or _real_folders()))
+
+
+def _walk_files(folder: str, seen: set[str], real_folders: list[str] | None) -> list[str]:
+    """Relative paths of model files under `folder`, breadth first (so the shortest name of a file wins).
+
+    Follows symlinks, but visits each real directory and lists each real file once (`seen` holds real paths, shared
+    across folders), so a symlink loop ends at once. Skips hidden entries, unreadable directories and anything whose
+    real path leaves `real_folders` (None: anywhere is allowed).
+    """
+    def allowed(real: str) -> bool:
+        return real not in seen and (real_folders is None or any(_within(real, f) for f in real_folders))
+
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = os.path.relpath(root, folder)
-        wanted = [f for f in files if os.path.splitext(f)[1].lower() in MODEL_EXTENSIONS]
-        found += [f if rel == "." else os.path.join(rel, f) for f in wanted]
+    queue = deque([("", folder)])
+    while queue:
+        rel, path = queue.popleft()
+        real = os.path.realpath(path)
+        if not allowed(real):
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            child = os.path.join(rel, entry.name) if rel else entry.name
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                queue.append((child, entry.path))
+            elif is_file and os.path.splitext(entry.name)[1].lower() in MODEL_EXTENSIONS:
+                file_real = os.path.realpath(entry.path)
+                if allowed(file_real):
+                    seen.add(file_real)
+                    found.append(child)
     return found
 
 
 def model_files() -> list[str]:
-    """Relative paths of `.safetensors` / `.json` files under the NearID folders (ComfyUI's cached listing)."""
-    fp = _module("folder_paths")
-    if fp is None:
-        folder = fallback_models_dir()
-        return sorted(_walk_files(folder)) if os.path.isdir(folder) else []
-    register_model_folder()
-    return list(fp.get_filename_list(FOLDER_NAME))
+    """Relative paths of `.safetensors` / `.json` files under the NearID folders, each real file once (the first
+    folder, then the shortest path, wins). Symlink loops are cut and, unless the owner opted in, links leaving the
+    folders are skipped.
+
+    ComfyUI's own `get_filename_list` is not used: it follows a symlink loop ~40 levels deep (one duplicate entry
+    per level) and walks wherever a link points.
+    """
+    real_folders = None if allow_any_model_path() else _real_folders()
+    seen: set[str] = set()
+    files: list[str] = []
+    for folder in model_folders():
+        files += [f for f in _walk_files(folder, seen, real_folders) if f not in files]
+    return files
 
 
 # --------------------------------------------------------------------------------------------------------------------

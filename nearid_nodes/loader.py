@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,18 @@ class NearIDModelHandle:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class ModelPathError(ValueError):
+    """A model path the loader refuses: outside the NearID model folders (without the owner's opt-in), or malformed."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*")
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name` as the Hugging Face hub spells repository ids; `../x`, `/etc`, `a/../../b`, `~/x` are paths."""
+    return len(text) <= 96 and _HUB_ID.fullmatch(text) is not None and ".." not in text
+
+
 def _parents(relpath: str) -> list[str]:
     parts = relpath.replace("\\", "/").split("/")[:-1]
     return [os.path.join(*parts[: i + 1]) for i in range(len(parts))]
@@ -63,7 +76,8 @@ def _parents(relpath: str) -> list[str]:
 
 def model_choices() -> list[str]:
     """Dropdown entries: the default hub id, HF-format directories (holding config.json) and head-only
-    `.safetensors` files under every registered `nearid` folder (files inside HF directories are not listed)."""
+    `.safetensors` files under every registered `nearid` folder (files inside HF directories are not listed).
+    Each real file appears once, however many symlinks lead to it."""
     files = comfy_env.model_files()
     hf_dirs = sorted({os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)})
     inside = set(hf_dirs)
@@ -78,29 +92,80 @@ def _searched() -> str:
     return "\n".join(f"  - {folder}" for folder in comfy_env.model_folders())
 
 
+def _available(limit: int = 20) -> str:
+    """The local dropdown entries (model files inside the model folders only), for error messages."""
+    local = model_choices()[1:]
+    if not local:
+        return "  (none)"
+    more = f"\n  ... and {len(local) - limit} more" if len(local) > limit else ""
+    return "\n".join(f"  - {entry}" for entry in local[:limit]) + more
+
+
+def _refuse(target: str, why: str) -> ModelPathError:
+    return ModelPathError(
+        f"NearID model path {target!r} {why}. The loader only reads models inside the NearID model folders:\n"
+        f"{_searched()}\nPut the model in one of them and pick it in the dropdown (or give its path relative to the "
+        f"folder), or give a hub id 'owner/name'. Server owners can allow any path with "
+        f"{comfy_env.ALLOW_ANY_PATH_ENV}=1 in ComfyUI's environment."
+    )
+
+
+def _local_path(target: str) -> str | None:
+    """`target` as an existing path in the model folders (absolute, or relative to one of them); None if none exists.
+
+    Raises:
+        ModelPathError: the path (symlinks resolved) leaves the model folders and the owner did not opt in.
+    """
+    path = os.path.expanduser(target)
+    candidates = [path] if os.path.isabs(path) else [os.path.join(f, path) for f in comfy_env.model_folders()]
+    confined = not comfy_env.allow_any_model_path()
+    outside = False
+    for candidate in candidates:
+        if confined and not comfy_env.inside_model_folders(candidate):
+            outside = True  # whether it exists is not checked, so errors tell nothing about files elsewhere
+        elif os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    if outside:
+        raise _refuse(target, "is outside the NearID model folders (symlinks resolved)")
+    return None
+
+
+def _hub(hub_id: str) -> str:
+    """A hub id, checked because nearid_core first tries a local path of that name, relative to ComfyUI's working
+    directory: such a path is used only inside the model folders (or with the owner's opt-in)."""
+    if not os.path.exists(hub_id) or comfy_env.allow_any_model_path():
+        return hub_id
+    if comfy_env.inside_model_folders(hub_id):
+        return os.path.abspath(hub_id)
+    raise _refuse(hub_id, "names a path in ComfyUI's working directory, which would be read instead of the hub")
+
+
 def resolve_model(choice: str, hub_id: str = "") -> str:
     """Dropdown entry (or the `hub_id` override) -> a hub id or an absolute local path for `from_pretrained`.
 
+    Paths must lie in the NearID model folders (symlinks resolved) unless the owner set NEARID_ALLOW_ANY_MODEL_PATH=1.
+
     Raises:
-        FileNotFoundError: naming every folder searched and the files expected there.
+        ModelPathError: a path outside the model folders, or text that is neither a hub id nor a path.
+        FileNotFoundError: naming every folder searched and the model entries available there.
     """
-    override = (hub_id or "").strip()
-    target = override or choice
+    override = str(hub_id or "").strip()
     if not override and choice.startswith(HUB_PREFIX):
-        return choice[len(HUB_PREFIX):]
-    if os.path.isabs(os.path.expanduser(target)):
-        path = os.path.expanduser(target)
-        if os.path.exists(path):
-            return path
-        raise FileNotFoundError(f"NearID model path {path!r} does not exist.")
-    for folder in comfy_env.model_folders():
-        path = os.path.join(folder, target)
-        if os.path.exists(path):
-            return os.path.abspath(path)
-    if override:
-        return override  # not a local entry: a hub id, resolved (and explained if missing) by nearid_core
+        name = choice[len(HUB_PREFIX):]
+        if not is_hub_id(name):
+            raise ModelPathError(f"{choice!r} does not name a hub id of the form 'owner/name'.")
+        return _hub(name)
+    target = override or choice
+    if not target or "\0" in target:
+        raise ModelPathError(f"{target!r} is not a model name or path.")
+    local = _local_path(target)
+    if local is not None:
+        return local
+    if override and is_hub_id(override):
+        return _hub(override)  # not a local entry: a hub id, resolved (and explained if missing) by nearid_core
     raise FileNotFoundError(
-        f"NearID model {choice!r} was not found. Folders searched:\n{_searched()}\n"
+        f"NearID model {target!r} was not found{' (and it is not a hub id owner/name)' if override else ''}. "
+        f"Folders searched:\n{_searched()}\nModels available there:\n{_available()}\n"
         f"Put {EXPECTED_FILES} in one of them (then refresh the node list), or choose {DEFAULT_CHOICE!r}."
     )
 
@@ -116,6 +181,7 @@ class NearIDModelLoader:
     DESCRIPTION = (
         "Loads a NearID identity model from models/nearid/ (HF-format directories and head-only .safetensors files) "
         f"or from the Hugging Face hub (default {DEFAULT_MODEL}, downloaded to the HF cache on first use). "
+        "Paths outside the NearID model folders are refused unless the server owner allows them. "
         "The weights are handed to ComfyUI's model management: moved to the GPU when a NearID node runs and "
         "offloaded when other models need the memory."
     )
@@ -151,11 +217,24 @@ class NearIDModelLoader:
             "optional": {
                 "hub_id": ("STRING", {
                     "default": "",
-                    "tooltip": "Overrides the dropdown when not empty: a hub id 'owner/name', an absolute path, or a "
-                               "path relative to models/nearid/.",
+                    "tooltip": "Overrides the dropdown when not empty: a hub id 'owner/name', or a path relative to "
+                               "models/nearid/ (paths outside the NearID model folders only if the server owner "
+                               f"set {comfy_env.ALLOW_ANY_PATH_ENV}=1).",
                 }),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, hub_id: str | None = "") -> bool | str:
+        """Refuse a bad `hub_id` when the prompt is queued, with the reason instead of a traceback (None: the input
+        is linked, so it is checked when the node runs). `model` is left to ComfyUI's dropdown check."""
+        if not isinstance(hub_id, str) or not hub_id.strip():
+            return True
+        try:
+            resolve_model(DEFAULT_CHOICE, hub_id)
+        except (ModelPathError, FileNotFoundError) as err:
+            return str(err)
+        return True
 
     def load(self, model: str, device: str, dtype: str, batch_size: int, hub_id: str = "") -> tuple[NearIDModelHandle]:
         if device not in DEVICES:

@@ -19,7 +19,9 @@ import nearid_nodes
 from nearid_core import NearIDScorer
 from nearid_nodes import comfy_env
 from nearid_nodes.heatmap import NearIDAttentionHeatmap
-from nearid_nodes.loader import DEFAULT_CHOICE, NearIDModelHandle, NearIDModelLoader, model_choices, resolve_model
+from nearid_nodes.loader import (
+    DEFAULT_CHOICE, ModelPathError, NearIDModelHandle, NearIDModelLoader, is_hub_id, model_choices, resolve_model,
+)
 from nearid_nodes.scoring import NearIDBestOfN, NearIDEmbed, NearIDEmbedding, NearIDScore, NearIDThresholdFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +137,9 @@ def fake_comfy(monkeypatch, tmp_path) -> FakeComfy:
 
 @pytest.fixture(scope="module")
 def handle(release_dir) -> NearIDModelHandle:
-    (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 3, hub_id=str(release_dir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")  # release_dir lies outside every model folder
+        (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 3, hub_id=str(release_dir))
     return out
 
 
@@ -301,6 +305,118 @@ def test_loader_errors_list_searched_folders(models_dir, fake_comfy, tmp_path):
     assert resolve_model(DEFAULT_CHOICE, hub_id="nearid-tiny") == str(models_dir / "nearid-tiny")
     with pytest.raises(ValueError, match="dtype"):
         NearIDModelLoader().load("nearid-tiny", "auto", "float64", 16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loader on a shared server: paths confined to the model folders, symlink loops
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path, release_dir) -> Path:
+    """A loadable model and a private file outside the model folders (`tmp_path/models/nearid`)."""
+    base = tmp_path / "outside"
+    shutil.copytree(release_dir, base / "x")
+    (base / "x" / "id_rsa").write_text("private")
+    (base / "private_head.safetensors").write_bytes(b"")
+    return base
+
+
+@pytest.mark.parametrize("text", ["Aleksandar/nearid-siglip2", "google/siglip2-so400m-patch14-384", "o/n.v2"])
+def test_hub_ids_are_told_apart_from_paths(text):
+    assert is_hub_id(text)
+
+
+@pytest.mark.parametrize("text", ["../x", "/etc", "a/../../b", "~/x", "./x", "a/..", "a/b/c", "a\\b", "x", "", "-a/b"])
+def test_paths_are_not_hub_ids(text):
+    assert not is_hub_id(text)
+
+
+@pytest.mark.parametrize("hub_id", ["../../outside/x", "nearid-tiny/../../../outside/x", "heads/../../../outside/x"])
+def test_loader_refuses_relative_paths_leaving_the_model_folders(models_dir, fake_comfy, outside, hub_id):
+    assert (models_dir / hub_id).exists()  # it would load: the refusal is about where it is, not whether it exists
+    with pytest.raises(ModelPathError, match="outside the NearID model folders") as err:
+        NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 2, hub_id=hub_id)
+    assert comfy_env.ALLOW_ANY_PATH_ENV in str(err.value) and str(models_dir) in str(err.value)
+    assert NearIDModelLoader.VALIDATE_INPUTS(hub_id=hub_id) == str(err.value)
+
+
+def test_loader_refuses_absolute_paths_unless_the_owner_opts_in(models_dir, fake_comfy, outside, monkeypatch):
+    target = str(outside / "x")
+    for hub_id in (target, "~/x", "/etc", "/"):
+        with pytest.raises(ModelPathError, match="outside the NearID model folders"):
+            resolve_model(DEFAULT_CHOICE, hub_id)
+    assert resolve_model(DEFAULT_CHOICE, str(models_dir / "nearid-tiny")) == str(models_dir / "nearid-tiny")
+    monkeypatch.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")
+    (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 2, hub_id=target)
+    assert out.name == target
+    assert resolve_model(DEFAULT_CHOICE, "../../outside/x") == target
+    assert NearIDModelLoader.VALIDATE_INPUTS(hub_id=target) is True
+    monkeypatch.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "0")
+    assert isinstance(NearIDModelLoader.VALIDATE_INPUTS(hub_id=target), str)
+
+
+def test_symlink_leaving_the_model_folder_is_refused_and_not_listed(models_dir, fake_comfy, outside, monkeypatch):
+    (models_dir / "escape").symlink_to(outside / "x", target_is_directory=True)
+    (models_dir / "heads" / "linked.safetensors").symlink_to(outside / "private_head.safetensors")
+    assert model_choices() == [DEFAULT_CHOICE, "nearid-tiny", os.path.join("heads", "my_head.safetensors")]
+    for entry in ("escape", os.path.join("heads", "linked.safetensors")):
+        with pytest.raises(ModelPathError, match="symlinks resolved"):
+            NearIDModelLoader().load(entry, "cpu", "float32", 2)
+    monkeypatch.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")
+    assert "escape" in model_choices()
+    (out,) = NearIDModelLoader().load("escape", "cpu", "float32", 2)
+    assert out.name == str(models_dir / "escape")
+
+
+def test_loader_errors_list_only_model_files_inside_the_folders(models_dir, fake_comfy, outside):
+    (models_dir / "ext").symlink_to(outside, target_is_directory=True)
+    private = ("id_rsa", "private_head", "notes.txt")
+    messages = []
+    for hub_id in (str(outside / "x"), "../../outside/x", "ext", "gone-model", "gone/../gone"):
+        with pytest.raises((ModelPathError, FileNotFoundError)) as err:
+            resolve_model(DEFAULT_CHOICE, hub_id)
+        messages.append(str(err.value))
+    assert str(outside) not in messages[2]  # where the symlink points is not told
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_model("gone-model")
+    messages.append(str(err.value))
+    for message in messages:
+        assert not any(p in message for p in private), message
+    assert "nearid-tiny" in messages[-1] and os.path.join("heads", "my_head.safetensors") in messages[-1]
+
+
+def test_hub_id_that_is_also_a_path_in_the_working_directory_is_refused(models_dir, fake_comfy, outside, monkeypatch):
+    """nearid_core reads a local path of the hub id's name first: from ComfyUI's working directory, e.g. input/."""
+    monkeypatch.chdir(outside.parent)
+    with pytest.raises(ModelPathError, match="working directory"):
+        resolve_model(DEFAULT_CHOICE, "outside/x")
+    with pytest.raises(ModelPathError, match="hub id"):
+        resolve_model("hub:../outside/x")
+    assert resolve_model(DEFAULT_CHOICE, "owner/other") == "owner/other"
+    assert resolve_model(DEFAULT_CHOICE, "models/nearid") == str(models_dir)  # relative to the cwd, but inside
+    assert NearIDModelLoader.VALIDATE_INPUTS(hub_id="owner/other") is True
+    assert NearIDModelLoader.VALIDATE_INPUTS(hub_id=None) is True  # linked input: checked when the node runs
+    assert "nearid-tiny" in NearIDModelLoader.VALIDATE_INPUTS(hub_id="typo.safetensors")
+
+
+def test_symlink_loops_give_one_dropdown_entry_per_model(models_dir, fake_comfy):
+    expected = [DEFAULT_CHOICE, "nearid-tiny", os.path.join("heads", "my_head.safetensors")]
+    (models_dir / "loop").symlink_to(models_dir, target_is_directory=True)
+    (models_dir / "heads" / "up").symlink_to("..", target_is_directory=True)  # two loops: 2^40 paths if followed
+    (models_dir / "nearid-tiny-alias").symlink_to("nearid-tiny", target_is_directory=True)
+    (models_dir / "broken.safetensors").symlink_to("missing.safetensors")
+    assert model_choices() == expected
+    (out,) = NearIDModelLoader().load("nearid-tiny", "cpu", "float32", 2)
+    assert out.name == str(models_dir / "nearid-tiny")
+
+
+def test_dropdown_falls_back_outside_comfyui_with_a_symlink_loop(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "folder_paths", None)
+    monkeypatch.setenv("NEARID_MODELS_DIR", str(tmp_path))
+    (tmp_path / "head.safetensors").write_bytes(b"")
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
+    assert model_choices() == [DEFAULT_CHOICE, "head.safetensors"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
