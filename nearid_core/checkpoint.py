@@ -153,10 +153,11 @@ def _weight_files(directory: Path) -> list[Path]:
     elif (directory / WEIGHTS_NAME).exists():
         files = [directory / WEIGHTS_NAME]
     else:
-        found = sorted(p.name for p in directory.iterdir())
+        model_like = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # never list unrelated files
+        found = sorted(p.name for p in directory.iterdir() if p.name.endswith(model_like))
         bins = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f" Found pickle-format weights {bins}: convert them to safetensors first." if bins else ""
-        raise CheckpointError(f"No {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}; files: {found}.{hint}")
+        raise CheckpointError(f"No {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}; model files: {found}.{hint}")
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"Weight shards listed in {index} are missing: {missing}")

@@ -30,7 +30,7 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..preprocessing import ImageInput, iter_images, load_image
+from ..preprocessing import ImageInput, iter_images, load_image, to_rgb
 from ..scorer import DEFAULT_MODEL, NearIDScorer, default_device, default_dtype
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _to_pil(item: ImageInput) -> list[Image.Image]:
     if isinstance(item, (str, os.PathLike)):
         return [load_image(item)]
     if isinstance(item, Image.Image):
-        return [item.convert("RGB")]
+        return [to_rgb(item)]  # as displayed (EXIF), 16-bit scaled
     out = []
     for t in iter_images([item]):
         arr = (t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
