@@ -1,14 +1,16 @@
-"""Embedding throughput: NearIDScorer's default mode vs the plain transformers path, measured in one run.
+"""Embedding throughput: NearIDScorer's variants vs the plain transformers path, measured in one interleaved run.
 
 Real SigLIP2 so400m/14@384 architecture with random weights (speed does not depend on the weights):
 
-* plain:  slow `AutoImageProcessor` (PIL) + `SiglipVisionModel` in fp32, pooler_output normalised;
-* ours:   `NearIDScorer.from_pretrained(dir)` with its defaults (bf16 on CPUs with AMX bf16 matrix units, fp32 on
-          other CPUs, fp16 on CUDA); on a CPU without AMX, bf16 is timed too, for reference.
+* plain:            slow `AutoImageProcessor` (PIL) + `SiglipVisionModel` in fp32, pooler_output normalised;
+* fp32:             NearIDScorer in fp32;
+* bf16, bf16 head:  the whole model in bf16 (what the scorer did before the head ran in fp32);
+* bf16:             bf16 trunk, fp32 MAP head (the scorer's bf16 mode);
+* default:          NearIDScorer's own choice here (`nearid_core.precision`: flags, then a timed probe).
 
-Prints images/s of each (median over repeats, A/B interleaved), the ratio, and the minimum cosine between the two
-embeddings of the same images. On CUDA it also prints fp16 and bf16 throughput and the fraction of the GPU's bf16
-peak (pass --peak-tflops for your card; default 989 = H100 SXM dense bf16).
+Prints, per variant, the speed ratio to plain (min and median over the interleaved repeats), the minimum cosine to
+plain, the probe's decision, and the MAP head's time per image in bf16 vs fp32. On CUDA it also prints fp16 and bf16
+throughput and the fraction of the GPU's bf16 peak (pass --peak-tflops for your card; default 989 = H100 SXM).
 
     python benchmarks/embed_throughput.py [--batch-size 8] [--repeats 3] [--device cpu|cuda]
 """
@@ -27,10 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from nearid_core import NearIDScorer, PreprocessConfig
+from nearid_core import NearIDScorer, PreprocessConfig, precision
 from nearid_core.checkpoint import no_init_weights
 from nearid_core.configuration_nearid import SO400M_VISION_CONFIG
-from nearid_core.scorer import cpu_has_bf16_matmul
 
 from _random_weights import randomise  # benchmarks/ is on sys.path when a script here runs
 
@@ -77,6 +78,85 @@ def timed(fn, repeats: int) -> tuple[list[float], torch.Tensor]:
     return times, out
 
 
+def ratio_line(label: str, plain: list[float], variant: list[float], cos: float) -> str:
+    """Speed ratios per interleaved repeat (plain time / variant time): min and median."""
+    ratios = [p / v for p, v in zip(plain, variant)]
+    return (f"{label:<18} x plain: min {min(ratios):5.2f}  median {statistics.median(ratios):5.2f}   "
+            f"min cosine vs plain {cos:.5f}")
+
+
+def head_ms_per_image(scorer: NearIDScorer, tokens: torch.Tensor, head: torch.dtype, repeats: int) -> float:
+    """The MAP head's time per image with the trunk's tokens in bf16 and the head in `head`."""
+    scorer.model.head.to(head)
+    with torch.inference_mode():
+        scorer.model.pool(tokens)
+        times, _ = timed(lambda: scorer.model.pool(tokens), repeats)
+    return 1000 * min(times) / tokens.shape[0]
+
+
+def cpu_report(args, images, processor, plain, scorer) -> None:
+    speedup, cached = precision.measured_bf16_speedup()
+    default = precision.cpu_default_dtype()
+    print(f"probe: bf16 F.linear {precision.PROBE_SHAPE} = {speedup:.2f}x fp32 ({'cached' if cached else 'probed'}; "
+          f"bf16 needs >= {precision.PROBE_MIN_SPEEDUP}x; flags: {precision.cpu_bf16_support()}) -> default "
+          f"{str(default).removeprefix('torch.')}")
+
+    def set_mode(dtype: torch.dtype, head: torch.dtype) -> None:
+        scorer.to(dtype=dtype)
+        scorer.model.head.to(head)
+
+    variants = {"fp32": (torch.float32, torch.float32), "bf16, bf16 head": (torch.bfloat16, torch.bfloat16),
+                "bf16": (torch.bfloat16, torch.float32),
+                "default": (default, precision.head_dtype(torch.device("cpu"), default))}
+
+    def run_plain() -> torch.Tensor:
+        with torch.inference_mode():
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            return F.normalize(plain(pixels).pooler_output.float(), dim=-1)
+
+    def run_scorer() -> torch.Tensor:
+        with torch.inference_mode():
+            return scorer.embed(images, batch_size=args.batch_size)
+
+    run_plain()
+    for mode in variants.values():  # warm-up
+        set_mode(*mode)
+        run_scorer()
+    plain_times, times, cos = [], {k: [] for k in variants}, {k: 1.0 for k in variants}
+    for _ in range(args.repeats):  # interleaved, so machine drift hits every variant alike
+        t, e_plain = timed(run_plain, 1)
+        plain_times += t
+        for name, mode in variants.items():
+            set_mode(*mode)
+            t, e = timed(run_scorer, 1)
+            times[name] += t
+            cos[name] = min(cos[name], float((e_plain * e).sum(-1).min()))
+    print(f"plain: {args.batch_size / statistics.median(plain_times):.3f} images/s (median)")
+    for name in variants:
+        print(ratio_line(name, plain_times, times[name], cos[name]))
+
+    scorer.to(dtype=torch.bfloat16)
+    with torch.inference_mode():
+        tokens = scorer.model.encode_tokens(scorer.pixel_values(images))
+    bf16_head = head_ms_per_image(scorer, tokens, torch.bfloat16, args.repeats)
+    fp32_head = head_ms_per_image(scorer, tokens, torch.float32, args.repeats)
+    print(f"MAP head on bf16 tokens: bf16 head {bf16_head:.1f} ms/img, fp32 head {fp32_head:.1f} ms/img")
+
+
+def cuda_report(args, images, scorer) -> None:
+    flops = flops_per_image(SO400M_VISION_CONFIG)
+    for dtype in (torch.float16, torch.bfloat16):
+        scorer.to(dtype=dtype)
+        pixels = scorer.pixel_values(images * 8)
+        with torch.inference_mode():
+            scorer.model.get_image_features(pixels)
+            times, _ = timed(lambda: scorer.model.get_image_features(pixels), args.repeats)
+        ips = pixels.shape[0] / statistics.median(times)
+        print(f"cuda {str(dtype).removeprefix('torch.')} model only, batch {pixels.shape[0]}: {ips:8.1f} images/s "
+              f"= {ips * flops / 1e12:.1f} TFLOP/s = {100 * ips * flops / 1e12 / args.peak_tflops:.1f}% of "
+              f"{args.peak_tflops:.0f} TFLOP/s bf16 peak")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -86,56 +166,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     images = photo_like_images(args.batch_size)
-
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} repeats={args.repeats} "
+          f"cpu={precision.probe_key()}")
     with tempfile.TemporaryDirectory() as ckpt:
         random_so400m(ckpt)
-        processor = AutoImageProcessor.from_pretrained(ckpt, backend="pil")
-        plain = SiglipVisionModel.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
-        scorer = NearIDScorer.from_pretrained(ckpt, device=device)
-
-        def run_plain() -> torch.Tensor:
-            with torch.inference_mode():
-                pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-                return F.normalize(plain(pixels).pooler_output.float(), dim=-1)
-
-        def run_ours() -> torch.Tensor:
-            with torch.inference_mode():
-                return scorer.embed(images, batch_size=args.batch_size)
-
-        modes = [("default", scorer.dtype)]
-        if device.type == "cpu" and scorer.dtype != torch.bfloat16:
-            modes.append(("bf16", torch.bfloat16))  # shown for reference: the default skips it without AMX
-        print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} repeats={args.repeats} "
-              f"cpu_capability={torch.backends.cpu.get_cpu_capability()} amx={cpu_has_bf16_matmul()}")
-        for label, dtype in modes:
-            scorer.to(dtype=dtype)
-            run_plain(), run_ours()  # warm-up
-            plain_times, ours_times = [], []
-            for _ in range(args.repeats):  # interleave so machine drift hits both
-                t, e_plain = timed(run_plain, 1)
-                plain_times += t
-                t, e_ours = timed(run_ours, 1)
-                ours_times += t
-            cos = (e_plain * e_ours).sum(-1)
-            plain_ips = args.batch_size / statistics.median(plain_times)
-            ours_ips = args.batch_size / statistics.median(ours_times)
-            name = str(dtype).removeprefix("torch.")
-            print(f"[{label}] plain transformers (slow processor + fp32): {plain_ips:7.3f} images/s | "
-                  f"NearIDScorer {name}: {ours_ips:7.3f} images/s | ratio {ours_ips / plain_ips:.2f}x | "
-                  f"min cosine {cos.min().item():.5f}")
-
+        scorer = NearIDScorer.from_pretrained(ckpt, device=device, dtype=torch.float32)
         if device.type == "cuda":
-            flops = flops_per_image(SO400M_VISION_CONFIG)
-            for dtype in (torch.float16, torch.bfloat16):
-                scorer.to(dtype=dtype)
-                pixels = scorer.pixel_values(images * 8)
-                with torch.inference_mode():
-                    scorer.model.get_image_features(pixels)
-                    times, _ = timed(lambda: scorer.model.get_image_features(pixels), args.repeats)
-                ips = pixels.shape[0] / statistics.median(times)
-                print(f"cuda {str(dtype).removeprefix('torch.')} model only, batch {pixels.shape[0]}: {ips:8.1f} images/s "
-                      f"= {ips * flops / 1e12:.1f} TFLOP/s = {100 * ips * flops / 1e12 / args.peak_tflops:.1f}% of "
-                      f"{args.peak_tflops:.0f} TFLOP/s bf16 peak")
+            cuda_report(args, images, scorer)
+            return
+        processor = AutoImageProcessor.from_pretrained(ckpt, backend="pil")
+        plain = SiglipVisionModel.from_pretrained(ckpt, dtype=torch.float32).eval()
+        cpu_report(args, images, processor, plain, scorer)
 
 
 if __name__ == "__main__":
