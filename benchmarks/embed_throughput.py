@@ -143,6 +143,30 @@ def cpu_report(args, images, processor, plain, scorer) -> None:
     print(f"MAP head on bf16 tokens: bf16 head {bf16_head:.1f} ms/img, fp32 head {fp32_head:.1f} ms/img")
 
 
+def attention_report(batch: int, repeats: int, device: torch.device) -> None:
+    """The so400m attention core (729 tokens, 16 heads of 72): SDPA (transformers' default implementation) vs the
+    eager batched-matmul path, in fp32 and bf16."""
+    heads, tokens, dim = 16, (384 // 14) ** 2, 72
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, dim, generator=gen).to(device) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v)
+
+    def eager(q, k, v):
+        weights = torch.softmax(q @ k.transpose(-1, -2) * dim ** -0.5, dim=-1, dtype=torch.float32).to(q.dtype)
+        return weights @ v
+
+    flops = 4 * batch * heads * tokens * tokens * dim
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(dtype) for t in (q, k, v)]
+        line = []
+        for name, fn in (("sdpa", F.scaled_dot_product_attention), ("eager", eager)):
+            fn(*args)
+            times, out = timed(lambda: fn(*args), repeats)
+            cos = F.cosine_similarity(out.float().flatten(2), reference.flatten(2), dim=-1).min().item()
+            line.append(f"{name} {1000 * min(times):6.1f} ms = {flops / min(times) / 1e9:5.0f} GFLOP/s (cos {cos:.5f})")
+        print(f"attention core {str(dtype).removeprefix('torch.'):>8}, batch {batch}: " + " | ".join(line))
+
+
 def cuda_report(args, images, scorer) -> None:
     flops = flops_per_image(SO400M_VISION_CONFIG)
     for dtype in (torch.float16, torch.bfloat16):
@@ -177,6 +201,7 @@ def main() -> None:
         processor = AutoImageProcessor.from_pretrained(ckpt, backend="pil")
         plain = SiglipVisionModel.from_pretrained(ckpt, dtype=torch.float32).eval()
         cpu_report(args, images, processor, plain, scorer)
+    attention_report(args.batch_size, args.repeats, device)
 
 
 if __name__ == "__main__":

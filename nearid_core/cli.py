@@ -36,6 +36,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="auto = fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes decoding and resizing images while the model runs (default 0: in the main "
+                             "process)")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="skip image files that cannot be read (reported on stderr) instead of stopping")
     parser.add_argument("--allow-large-images", action="store_true",
@@ -73,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         if args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
+        if args.workers < 0:
+            raise UsageError("--workers must be >= 0")
         if args.command == "score":
             if args.top_k is not None and args.top_k < 1:
                 raise UsageError("--top-k must be >= 1")
@@ -140,36 +145,9 @@ def _load_scorer(args: argparse.Namespace):
     return NearIDScorer.from_pretrained(args.model, device=args.device, dtype=dtypes[args.dtype])
 
 
-def embed_files(scorer, paths: Sequence[Path], batch_size: int, skip_unreadable: bool, desc: str = "embed"):
-    """Embed image files in batches -> (embeddings [N, D] on CPU, the paths embedded, [(path, reason) skipped]).
-
-    With `skip_unreadable`, a batch that fails to read is retried image by image and the unreadable ones are left out.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .preprocessing import ImageInputError
-
-    rows, kept, skipped = [], [], []
-    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img",
-                                      disable=len(paths) <= 4 * batch_size) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            try:
-                rows.append(scorer.embed([str(p) for p in chunk], batch_size=batch_size, progress=False).cpu())
-                kept.extend(chunk)
-            except ImageInputError:
-                if not skip_unreadable:
-                    raise
-                for path in chunk:
-                    try:
-                        rows.append(scorer.embed([str(path)], progress=False).cpu())
-                        kept.append(path)
-                    except ImageInputError as err:
-                        skipped.append((path, str(err)))
-            bar.update(len(chunk))
-    embeddings = torch.cat(rows) if rows else torch.empty(0, scorer.embed_dim)
-    return embeddings, kept, skipped
+def _embed_files(scorer, paths: Sequence[Path], args: argparse.Namespace):
+    return scorer.embed_files(paths, batch_size=args.batch_size, num_workers=args.workers,
+                              skip_unreadable=args.skip_unreadable)
 
 
 def _report_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
@@ -183,8 +161,8 @@ def run_score(args: argparse.Namespace) -> int:
     from .scorer import to_percent
 
     scorer = _load_scorer(args)
-    refs, references, skipped_refs = embed_files(scorer, args.ref_paths, args.batch_size, args.skip_unreadable, "refs")
-    cands, candidates, skipped = embed_files(scorer, args.candidate_paths, args.batch_size, args.skip_unreadable)
+    refs, references, skipped_refs = _embed_files(scorer, args.ref_paths, args)
+    cands, candidates, skipped = _embed_files(scorer, args.candidate_paths, args)
     _report_skipped([*skipped_refs, *skipped])
     if not references:
         raise UsageError("no reference image could be read")
@@ -228,7 +206,8 @@ def sidecar_path(npy_path: Path) -> Path:
 
 def run_embed(args: argparse.Namespace) -> int:
     scorer = _load_scorer(args)
-    embeddings, images, skipped = embed_files(scorer, args.image_paths, args.batch_size, args.skip_unreadable)
+    embeddings, images, skipped = _embed_files(scorer, args.image_paths, args)
+    embeddings = embeddings.cpu()
     _report_skipped(skipped)
     if not images:
         raise UsageError("no image could be read; nothing written")

@@ -142,15 +142,20 @@ def preprocess(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ImageInputError(f"preprocess expects [B, 3, H, W] pixels, got shape {tuple(pixels.shape)}.")
-    x = pixels if pixels.is_floating_point() else pixels.float() / 255
-    if config.do_resize and tuple(x.shape[-2:]) != config.size:
-        x = _resize(x, config.size, config.resample)
+    x = resize(pixels if pixels.is_floating_point() else pixels.float() / 255, config)
     x = x * (config.rescale_factor * 255)
     if config.do_normalize:
         mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x
+
+
+def resize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """The resize step of `preprocess` alone: [B, 3, H, W] in 0..1 -> [B, 3, h, w] in 0..1 (a no-op at size)."""
+    if config.do_resize and tuple(pixels.shape[-2:]) != config.size:
+        return _resize(pixels, config.size, config.resample)
+    return pixels
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

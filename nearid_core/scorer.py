@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model, load_preprocess_config
@@ -21,7 +23,17 @@ from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
 from .precision import cpu_has_bf16_matmul as cpu_has_bf16_matmul  # re-exported
 from .precision import default_dtype, head_dtype
 from .modeling_nearid import NearIDModel
-from .preprocessing import Images, PreprocessConfig, iter_images, preprocess, preprocess_images
+from .preprocessing import (
+    ImageInputError,
+    Images,
+    PreprocessConfig,
+    iter_images,
+    open_image,
+    pil_to_tensor,
+    preprocess,
+    preprocess_images,
+    resize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +83,28 @@ def default_device() -> torch.device:
 def to_percent(cosine: torch.Tensor) -> torch.Tensor:
     """Cosine in [-1, 1] -> the DreamBench 0-100 scale (100 * cosine; negative values stay negative)."""
     return cosine * 100
+
+
+class _DecodedFiles(Dataset):
+    """Image files -> (path, [3, h, w] pixels in 0..1 resized for the model, None) or (path, None, error message)."""
+
+    def __init__(self, paths: list, config: PreprocessConfig) -> None:
+        self.paths, self.config = paths, config
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor | None, str | None]:
+        path = self.paths[index]
+        try:
+            pixels = pil_to_tensor(open_image(path))
+        except ImageInputError as err:
+            return path, None, str(err)
+        return path, resize(pixels[None], self.config)[0], None
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model's threads
 
 
 class NearIDScorer:
@@ -213,6 +247,46 @@ class NearIDScorer:
         x = preprocess(x.clamp(0, 1), self.preprocess_config).to(self.dtype)
         features = self._features(x, readout)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def embed_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch_size: int = 16,
+        num_workers: int = 0,
+        skip_unreadable: bool = False,
+        progress: bool | None = None,
+    ) -> tuple[torch.Tensor, list, list[tuple[Any, str]]]:
+        """Embed image files, decoding and resizing them in `num_workers` background processes (a torch DataLoader)
+        while the model runs; equal to `embed(paths)`.
+
+        Returns:
+            (embeddings [N, D] float32 on the scorer's device, the paths embedded, [(path, reason)] skipped). Without
+            `skip_unreadable` the first unreadable file raises `ImageInputError` naming it.
+        """
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0; got {batch_size}, {num_workers}.")
+        loader = DataLoader(_DecodedFiles(list(paths), self.preprocess_config), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=list, worker_init_fn=_one_thread_per_worker)
+        rows, kept, skipped = [], [], []
+        show = progress if progress is not None else len(paths) > 4 * batch_size
+        with torch.inference_mode(), tqdm(total=len(paths), desc="embed", unit="img", disable=not show) as bar:
+            for batch in loader:
+                for path, _, error in batch:
+                    if error is not None and not skip_unreadable:
+                        raise ImageInputError(error)
+                skipped += [(path, error) for path, _, error in batch if error is not None]
+                good = [(path, pixels) for path, pixels, error in batch if error is None]
+                start = 0
+                while start < len(good):  # equal-sized runs (all of them, unless the checkpoint skips resizing)
+                    end = start + 1
+                    while end < len(good) and good[end][1].shape == good[start][1].shape:
+                        end += 1
+                    rows.append(self.embed_pixels(torch.stack([px for _, px in good[start:end]])))
+                    start = end
+                kept += [path for path, _ in good]
+                bar.update(len(batch))
+        embeddings = torch.cat(rows) if rows else torch.empty(0, self.embed_dim, device=self.device)
+        return embeddings, kept, skipped
 
     def as_embeddings(self, x: Images | torch.Tensor, batch_size: int = 16, layout: str | None = None) -> torch.Tensor:
         """Images or precomputed embeddings -> L2-normalised embeddings [N, D] float32 on the scorer's device.

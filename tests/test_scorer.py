@@ -10,7 +10,7 @@ from conftest import TINY_PREPROCESS, TINY_VISION, tiny_nearid_model
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from nearid_core import NearIDConfig, NearIDModel, NearIDScorer, PreprocessConfig, to_percent
+from nearid_core import ImageInputError, NearIDConfig, NearIDModel, NearIDScorer, PreprocessConfig, to_percent
 from nearid_core.preprocessing import iter_images, preprocess_images
 
 D = TINY_VISION["hidden_size"]
@@ -355,3 +355,25 @@ def test_to_changes_dtype(release_dir, images):
     assert {p.dtype for p in s.model.head.parameters()} == {torch.float32}
     e16 = s.embed(images[:2])
     assert (e16 * e32).sum(-1).min() > 0.99
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# embed_files: decoding in worker processes
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embed_files_equals_embed_in_order(scorer, tmp_path, workers):
+    paths = []
+    for i, img in enumerate(make_images(7, seed=31)):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    with torch.no_grad():
+        want = scorer.embed([str(p) for p in paths])
+    got, kept, skipped = scorer.embed_files([*paths[:3], broken, *paths[3:]], batch_size=3, num_workers=workers,
+                                            skip_unreadable=True)
+    assert kept == paths and [p for p, _ in skipped] == [broken] and "broken.png" in skipped[0][1]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(ImageInputError, match="broken.png"):
+        scorer.embed_files([paths[0], broken], num_workers=workers)
