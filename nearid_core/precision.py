@@ -1,6 +1,6 @@
 """Which dtype is fast here: the default-precision policy every entry point (API, CLI, ComfyUI nodes, eval) uses.
 
-* CUDA: fp16 (the paper's precision).
+* CUDA: fp16 weights under fp16 autocast (`autocast_for`), as the paper evaluated: LayerNorm and softmax in fp32.
 * CPU: an explicit ``dtype`` wins, then the ``NEARID_CPU_DTYPE`` environment variable (``fp32`` / ``bf16``); then
   Intel AMX -> bf16; no bf16 instructions at all -> fp32; otherwise a timed probe decides. Feature flags alone cannot:
   with AVX512-BF16 and no AMX, bf16 matmuls ran 2x slower than fp32 on one Intel CPU and 4.2x faster on an AMD Zen 5.
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -182,6 +183,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return cpu_default_dtype()
     return torch.float32
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The numerics the paper ran on CUDA: fp16 weights under fp16 autocast, so LayerNorm and softmax compute in fp32
+    while the matmuls and attention run in fp16. Elsewhere (CPUs, other dtypes) no autocast: a null context."""
+    if device.type == "cuda" and dtype == torch.float16:
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def head_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

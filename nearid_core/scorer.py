@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, load_preprocess_config
 from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
 from .precision import cpu_has_bf16_matmul as cpu_has_bf16_matmul  # re-exported
-from .precision import default_dtype, head_dtype
+from .precision import autocast_for, default_dtype, head_dtype
 from .modeling_nearid import NearIDModel
 from .preprocessing import (
     ImageInputError,
@@ -194,9 +194,10 @@ class NearIDScorer:
 
     def _features(self, pixel_values: torch.Tensor, readout: str) -> torch.Tensor:
         """Model input -> raw (unnormalised) float32 features [N, D] of the chosen readout."""
-        if readout == "map":
-            return self.model.get_image_features(pixel_values, normalize=False).float()
-        return self.model.encode_tokens(pixel_values).float().mean(dim=1)
+        with autocast_for(self.device, self.dtype):
+            if readout == "map":
+                return self.model.get_image_features(pixel_values, normalize=False).float()
+            return self.model.encode_tokens(pixel_values).float().mean(dim=1)
 
     @staticmethod
     def _check_readout(readout: str) -> None:
@@ -375,8 +376,9 @@ class NearIDScorer:
         maps = []
         with torch.no_grad():
             for batch in self._batches(images, 16, None, "attention", layout):
-                tokens = self.model.encode_tokens(self._model_input(batch))
-                _, attn = self.model.pool(tokens, output_attentions=True)
+                with autocast_for(self.device, self.dtype):
+                    tokens = self.model.encode_tokens(self._model_input(batch))
+                    _, attn = self.model.pool(tokens, output_attentions=True)
                 grids = attn.float().reshape(-1, 1, grid_h, grid_w).cpu()
                 for image, grid in zip(batch, grids):
                     h, w = size or tuple(image.shape[-2:])

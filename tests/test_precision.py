@@ -137,3 +137,31 @@ def test_fp32_head_is_the_same_module_semantics(release_dir):
     assert attn.shape == (2, 16)
     s.to(dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_cuda_fp16_runs_under_autocast_like_the_paper():
+    """The paper evaluated fp16 weights under fp16 autocast (LayerNorm / softmax in fp32); the scorer's CUDA default
+    does the same. CPUs and other dtypes run without autocast."""
+    ctx = precision.autocast_for(torch.device("cuda"), torch.float16)
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.float16
+    for device, dtype in [("cpu", torch.bfloat16), ("cpu", torch.float32), ("cuda", torch.float32)]:
+        assert not isinstance(precision.autocast_for(torch.device(device), dtype), torch.autocast)
+
+
+def test_scorer_enters_the_precision_context(release_dir, monkeypatch):
+    import nearid_core.scorer as scorer_mod
+
+    entered = []
+
+    class Recording:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(scorer_mod, "autocast_for", lambda device, dtype: Recording())
+    s = NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
+    s.embed(torch.rand(2, 32, 32, 3))
+    s.attention_maps(torch.rand(1, 32, 32, 3))
+    assert len(entered) == 2
