@@ -11,7 +11,9 @@ Supported sources (a hub id or a local path):
   and names the trunk to load (`backbone_name_or_path`), or a directory holding such a file.
 * **Reference training checkpoint** (`encoder_wrapper.model.vision_model.*` + `head.map_pooler.*`).
 
-Weights are only ever read with safetensors; nothing is unpickled.
+Weights are only ever read with safetensors; nothing is unpickled, and no code shipped with a checkpoint runs here
+(`auto_map` is ignored; hub downloads fetch only `*.json` / `*.safetensors`). `save_release` writes exports that the
+paper's own loaders read as well (`auto_map` + this package's two model modules, see its docstring).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -425,10 +429,49 @@ def save_head_only(model: NearIDModel, path: str | os.PathLike, *, dtype: torch.
     return path
 
 
+#: The modules `auto_map` names; `save_release` copies this package's own two files under these names.
+REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py")
+AUTO_MAP = {"AutoConfig": "configuration_nearid.NearIDConfig", "AutoModel": "modeling_nearid.NearIDModel"}
+#: The `vision_config` fields the reference `NearIDModel` passes to `SiglipVisionConfig(**vision_config)`; a field
+#: left out would silently fall back to SiglipVisionConfig's default (e.g. hidden_size 768) there.
+RELEASE_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                         "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "attention_dropout")
+
+
+def release_config(config: NearIDConfig, dtype: torch.dtype, *, remote_code: bool = True) -> dict:
+    """The `config.json` of a release export: readable by this package and by the reference `NearIDConfig`.
+
+    Carries `model_type`, `architectures`, `embed_dim`, `normalize_embeddings` and a plain-dict `vision_config` with
+    every `RELEASE_VISION_FIELDS` entry, plus `auto_map` (when `remote_code`) and `backbone_name_or_path`.
+    """
+    out = config.to_dict()
+    for key in ("dtype", "torch_dtype", "_name_or_path", "auto_map", "transformers_version"):
+        out.pop(key, None)
+    vision = config.vision_config
+    out["vision_config"] = {k: getattr(vision, k) for k in RELEASE_VISION_FIELDS}
+    out["model_type"] = "nearid"
+    out["architectures"] = ["NearIDModel"]
+    if remote_code:
+        out["auto_map"] = dict(AUTO_MAP)
+    out["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out["transformers_version"] = transformers.__version__
+    return out
+
+
 def save_release(model: NearIDModel, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
-                 preprocessor_config: Mapping | None = None) -> Path:
-    """Write the published release layout: config.json (model_type nearid), fp16 model.safetensors with
-    transformers-4.x key names `backbone.vision_model.*`, and preprocessor_config.json. Loads in 4.x and 5.x."""
+                 preprocessor_config: Mapping | None = None, remote_code: bool = True) -> Path:
+    """Write the published release layout, loadable here, by the paper's code and by plain transformers.
+
+    Files: `config.json` (see `release_config`), `model.safetensors` (`dtype`, transformers-4.x key names
+    `backbone.vision_model.*`; loads in 4.x and 5.x), `preprocessor_config.json` when `preprocessor_config` is given
+    (the paper's `AutoProcessor` / `AutoImageProcessor` calls need it), and with `remote_code` the two modules
+    `auto_map` names: copies of this package's own `configuration_nearid.py` / `modeling_nearid.py` (torch and
+    transformers only), so the paper's `AutoModel.from_pretrained(dir, trust_remote_code=True)` works offline.
+
+    This package never runs those files: `load_model` / `NearIDScorer` read config.json and the weights and ignore
+    `auto_map`. `remote_code=False` writes neither the files nor `auto_map`; the export then loads here, or in
+    transformers once `nearid_core` (or the paper's `nearid` package) is imported.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     own = model.backbone.state_dict()
@@ -437,13 +480,17 @@ def save_release(model: NearIDModel, directory: str | os.PathLike, *, dtype: tor
         for k, v in own.items()
     }
     _atomic_save(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("dtype", None)
-    config["architectures"] = ["NearIDModel"]
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config = release_config(model.config, dtype, remote_code=remote_code)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     if preprocessor_config is not None:
         (directory / PREPROCESSOR_NAME).write_text(json.dumps(dict(preprocessor_config), indent=2))
+    package = Path(__file__).parent
+    for name in REMOTE_CODE_FILES:
+        target = directory / name
+        if remote_code:
+            shutil.copyfile(package / name, target)
+        elif target.exists():  # a stale copy next to an auto_map-less config would mislead
+            target.unlink()
     return directory
 
 

@@ -9,6 +9,17 @@ Registry (name -> default model; every entry takes a hub id or local directory o
 * ``clip-vit-l14``: ``openai/clip-vit-large-patch14``, ``CLIPModel.get_image_features`` (projected CLS), with its own
   slow (PIL) CLIP image processor (resize short side 224 bicubic, centre crop 224, CLIP mean/std).
 * ``dinov2-l``: ``facebook/dinov2-large``, ``pooler_output`` (layer-normed CLS) with its own slow image processor.
+* ``dino-vits8``: DreamBench++'s DINO scorer: DINO v1 ViT-S/8 (``facebook/dino-vits8``, transformers ``ViTModel``),
+  CLS token after the final LayerNorm, with DreamBench++'s own transform (resize short side 256 bicubic, centre crop
+  224, ImageNet mean/std), fp32 by default.
+* ``clip-vit-b32``: DreamBench++'s CLIP-I scorer: ``openai/clip-vit-base-patch32``, ``get_image_features`` with its
+  own slow CLIP processor, fp32 by default.
+
+Which Table 1 cell each reproduces: NearID-Bench and MTG of the "CLIP ViT-L/14" and "DINOv2 ViT-L/14" rows come from
+``clip-vit-l14`` and ``dinov2-l``, but their DB++ M-H cells (0.493 and 0.492) are DreamBench++'s own CLIP-I and DINO
+ratings: ``clip-vit-b32`` and ``dino-vits8``. "SigLIP2 (backbone)": ``siglip2-map`` (NearID-Bench, MTG),
+``siglip2-mean`` (DB++ 0.516). The two DreamBench++ scorers read images as DreamBench++ does (EXIF orientation
+applied, transparency composited over white).
 
 Cosines of different embedders are not on a common scale; compare benchmark metrics, not raw similarities.
 """
@@ -30,7 +41,7 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..preprocessing import ImageInput, iter_images, load_image, to_rgb
+from ..preprocessing import ImageInput, iter_images, load_image, open_image, to_rgb, upright
 from ..scorer import DEFAULT_MODEL, NearIDScorer, default_device, default_dtype
 
 logger = logging.getLogger(__name__)
@@ -38,6 +49,10 @@ logger = logging.getLogger(__name__)
 SIGLIP2_MODEL = "google/siglip2-so400m-patch14-384"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 DINOV2_MODEL = "facebook/dinov2-large"
+DINO_V1_MODEL = "facebook/dino-vits8"  # DreamBench++'s DINO scorer (torch.hub dino_vits8), as ported to transformers
+CLIP_B32_MODEL = "openai/clip-vit-base-patch32"  # DreamBench++'s CLIP-I scorer
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @runtime_checkable
@@ -100,17 +115,83 @@ def _to_pil(item: ImageInput) -> list[Image.Image]:
     return out
 
 
+def dreambench_rgb(img: Image.Image) -> Image.Image:
+    """An image as DreamBench++ reads it: EXIF orientation applied, transparency composited over white, then RGB."""
+    img = upright(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return to_rgb(img)
+
+
+def _to_pil_dreambench(item: ImageInput) -> list[Image.Image]:
+    """`_to_pil`, except that files and PIL images are read with `dreambench_rgb` (alpha over white)."""
+    if isinstance(item, (str, os.PathLike)):
+        return [dreambench_rgb(open_image(item))]
+    if isinstance(item, Image.Image):
+        return [dreambench_rgb(item)]
+    return _to_pil(item)
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """DreamBench++'s DINO transform, torchvision's ``Resize(resize, BICUBIC)``, ``CenterCrop(crop)``, ``ToTensor``,
+    ``Normalize(mean, std)``, on RGB PIL images; called like a transformers image processor.
+
+    Resize scales the short side to ``resize`` and the long side to ``int(resize * long / short)`` (aspect kept);
+    the crop starts at ``round((size - crop) / 2)`` on each axis.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop <= self.resize:
+            raise ValueError(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """PIL (left, top, right, bottom) of the centre crop of a `width` x `height` image."""
+        left, top = int(round((width - self.crop) / 2)), int(round((height - self.crop) / 2))
+        return left, top, left + self.crop, top + self.crop
+
+    def __call__(self, images: Sequence[Image.Image], return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        """RGB PIL images -> ``{"pixel_values": [B, 3, crop, crop] float32}``."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        out = []
+        for img in images:
+            size = self.resized_size(*img.size)
+            if size != img.size:
+                img = img.resize(size, Image.Resampling.BICUBIC)
+            img = img.crop(self.crop_box(*img.size))
+            x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+            out.append((x - mean) / std)
+        return {"pixel_values": torch.stack(out)}
+
+
 class HFImageEmbedder:
-    """A transformers vision model with its own image processor; ``readout`` picks the embedding:
-    ``"image_features"`` (``get_image_features``, e.g. CLIP) or ``"pooler"`` (``pooler_output``, e.g. DINOv2)."""
+    """A transformers vision model with an image processor; ``readout`` picks the embedding:
+    ``"image_features"`` (``get_image_features``, e.g. CLIP), ``"pooler"`` (``pooler_output``, e.g. DINOv2) or
+    ``"cls"`` (``last_hidden_state[:, 0]``, e.g. DINO v1's ViT). ``reader`` turns one input into RGB PIL images."""
+
+    READOUTS = ("image_features", "pooler", "cls")
 
     def __init__(self, model: torch.nn.Module, processor, name: str, model_id: str, readout: str,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        if readout not in ("image_features", "pooler"):
-            raise ValueError(f"readout must be 'image_features' or 'pooler', got {readout!r}")
+                 device: torch.device, dtype: torch.dtype,
+                 reader: Callable[[ImageInput], list[Image.Image]] = _to_pil) -> None:
+        if readout not in self.READOUTS:
+            raise ValueError(f"readout must be one of {self.READOUTS}, got {readout!r}")
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor, self.name, self.model_id, self.readout = processor, name, str(model_id), readout
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.reader = device, dtype, reader
 
     def __repr__(self) -> str:
         return (f"HFImageEmbedder(name={self.name!r}, model_id={self.model_id!r}, device={self.device}, "
@@ -121,13 +202,15 @@ class HFImageEmbedder:
             out = self.model.get_image_features(pixel_values=pixel_values)
             # transformers 4.x returns the tensor, 5.x a BaseModelOutputWithPooling whose pooler_output is projected.
             return out if isinstance(out, torch.Tensor) else out.pooler_output
+        if self.readout == "cls":
+            return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
         return self.model(pixel_values=pixel_values).pooler_output
 
     @torch.inference_mode()
     def embed(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
         out = []
         for batch in tqdm(_batched(list(images), batch_size), desc="embed", disable=not progress):
-            pil = [im for item in batch for im in _to_pil(item)]
+            pil = [im for item in batch for im in self.reader(item)]
             pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]
             out.append(self._features(pixels.to(self.device, self.dtype)).float())
         if not out:
@@ -144,9 +227,9 @@ def slow_image_processor(name_or_path: str, **kwargs):
     return AutoImageProcessor.from_pretrained(name_or_path, use_fast=False, **kwargs)
 
 
-def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+def _device_dtype(device, dtype, default: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     device = torch.device(device) if device is not None else default_device()
-    return device, dtype or default_dtype(device)
+    return device, dtype or default or default_dtype(device)
 
 
 def _load_nearid(name: str, model: str, device, dtype, **kwargs) -> ScorerEmbedder:
@@ -165,6 +248,26 @@ def _load_clip(name: str, model: str, device, dtype, **kwargs) -> HFImageEmbedde
     device, dtype = _device_dtype(device, dtype)
     net = CLIPModel.from_pretrained(model, **kwargs)
     return HFImageEmbedder(net, slow_image_processor(model, **kwargs), name, model, "image_features", device, dtype)
+
+
+def _load_dreambench_clip(name: str, model: str, device, dtype, **kwargs) -> HFImageEmbedder:
+    """DreamBench++'s CLIP-I scorer: ``CLIPModel.get_image_features`` through its slow CLIP processor, fp32."""
+    from transformers import CLIPModel
+
+    device, dtype = _device_dtype(device, dtype, default=torch.float32)
+    net = CLIPModel.from_pretrained(model, **kwargs)
+    return HFImageEmbedder(net, slow_image_processor(model, **kwargs), name, model, "image_features", device, dtype,
+                           reader=_to_pil_dreambench)
+
+
+def _load_dreambench_dino(name: str, model: str, device, dtype, **kwargs) -> HFImageEmbedder:
+    """DreamBench++'s DINO scorer: a ViT's CLS token after the final LayerNorm (no pooler), DreamBench++'s own
+    resize 256 / crop 224 transform (the checkpoint's image processor is not used), fp32."""
+    from transformers import ViTModel
+
+    device, dtype = _device_dtype(device, dtype, default=torch.float32)
+    net = ViTModel.from_pretrained(model, add_pooling_layer=False, **kwargs)
+    return HFImageEmbedder(net, ResizeCenterCrop(), name, model, "cls", device, dtype, reader=_to_pil_dreambench)
 
 
 def _load_dinov2(name: str, model: str, device, dtype, **kwargs) -> HFImageEmbedder:
@@ -194,6 +297,10 @@ BASELINES: dict[str, BaselineSpec] = {
                      _load_siglip_mean),
         BaselineSpec("clip-vit-l14", CLIP_MODEL, "CLIP ViT-L/14 get_image_features", _load_clip),
         BaselineSpec("dinov2-l", DINOV2_MODEL, "DINOv2-L pooler_output (CLS)", _load_dinov2),
+        BaselineSpec("dino-vits8", DINO_V1_MODEL, "DreamBench++ DINO: DINO v1 ViT-S/8 CLS, resize 256 / crop 224",
+                     _load_dreambench_dino),
+        BaselineSpec("clip-vit-b32", CLIP_B32_MODEL, "DreamBench++ CLIP-I: CLIP ViT-B/32 get_image_features",
+                     _load_dreambench_clip),
     )
 }
 
@@ -211,7 +318,8 @@ def load_embedder(
         name: registry name, one of :data:`BASELINES`.
         model: hub id or local directory overriding the entry's default weights.
         device: default CUDA if available, else CPU.
-        dtype: default fp16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 otherwise.
+        dtype: default fp16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 otherwise; the DreamBench++
+            scorers (``dino-vits8``, ``clip-vit-b32``) default to fp32, as DreamBench++ ran them.
         **kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ``local_files_only``).
     """
     if name not in BASELINES:

@@ -8,7 +8,8 @@ from ..names import DTYPE_NAMES as DTYPE_NAMES  # re-exported: the eval CLI offe
 __all__ = ["BASELINE_NAMES", "DTYPE_NAMES", "INDEXING_MODES", "MASK_MODES", "RATING_NAME_PATTERN", "SIM_RANGE"]
 
 #: Registry names of :data:`nearid_core.eval.baselines.BASELINES`, in registry order (a test keeps them equal).
-BASELINE_NAMES: tuple[str, ...] = ("nearid", "siglip2-map", "siglip2-mean", "clip-vit-l14", "dinov2-l")
+BASELINE_NAMES: tuple[str, ...] = ("nearid", "siglip2-map", "siglip2-mean", "clip-vit-l14", "dinov2-l", "dino-vits8",
+                                   "clip-vit-b32")
 
 #: ``full`` raw images (Table 1) or ``fg`` foreground masks applied.
 MASK_MODES: tuple[str, ...] = ("full", "fg")
