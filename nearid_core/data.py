@@ -28,7 +28,9 @@ Images may be ``.png``, ``.jpg``, ``.jpeg`` or ``.webp``. Only views 1-3 are rea
 
 HUB DATASETS: ``Aleksandar/NearID`` (split ``train``, 19,386 rows; columns ``id``, ``category``, ``images1..3``,
 ``masks1..3``, ``n_images``) joined row by row with the distractor datasets ``Aleksandar/NearID-<Source>`` (same rows,
-same order; columns ``nimg1..3``). Benchmark splits are 0-based **row positions** into that ``train`` split
+same order; columns ``nimg1..3``). As in the reference ``sim_test.py``, every present image is used: ``n_images`` is
+kept on the record (:attr:`NearIDRecord.n_images`) and a row whose ``n_images`` disagrees with its present views is
+warned about, never trimmed. Benchmark splits are 0-based **row positions** into that ``train`` split
 (``splits/test.json`` of the reference repository: a list or ``{"indices": [...]}``), applied unchanged to every
 distractor dataset. MTG: ``abdo-eldesokey/mtg-dataset`` (split ``test`` = 100 samples).
 
@@ -100,6 +102,8 @@ class NearIDRecord:
         masks: [MAX_VIEWS] foreground masks aligned with ``views``; None = missing.
         distractors: source name -> [MAX_VIEWS] distractors, ``distractors[s][j]`` in the background of ``views[j]``.
         index: row position of the identity in its full dataset (sorted identity order for local data).
+        n_images: the view count the dataset declares (hub column ``n_images``), None when it declares none. It does
+            not hide views: every present view is used, as the reference does.
     """
 
     identity_id: str
@@ -108,11 +112,17 @@ class NearIDRecord:
     masks: list[ImageRef | None] = field(default_factory=lambda: [None] * MAX_VIEWS)
     distractors: dict[str, list[ImageRef | None]] = field(default_factory=dict)
     index: int | None = None
+    n_images: int | None = None
 
     @property
     def n_views(self) -> int:
         """Number of present views."""
         return sum(v is not None for v in self.views)
+
+    @property
+    def n_images_disagrees(self) -> bool:
+        """The declared ``n_images`` is not the number of present views (the present views are used)."""
+        return self.n_images is not None and self.n_images != self.n_views
 
 
 @dataclass
@@ -406,6 +416,7 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
                             f"{neg_ids[i]!r} there but {pos_ids[i]!r} in the positives"
                         )
             self._neg[name] = ds.select_columns(ncols)
+        self._warned_n_images = False
 
     @property
     def sources(self) -> list[str]:
@@ -421,15 +432,20 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
         row = self._pos[row_index]
         n_images = row.get("n_images")
         views = [row.get(f"images{j + 1}") for j in range(MAX_VIEWS)]
-        if isinstance(n_images, int):
-            views = [v if j < n_images else None for j, v in enumerate(views)]
         masks = [row.get(f"masks{j + 1}") for j in range(MAX_VIEWS)]
         distractors = {}
         for name, ds in self._neg.items():
             nrow = ds[row_index]
             distractors[name] = [nrow.get(f"nimg{j + 1}") for j in range(MAX_VIEWS)]
         identity = row.get("id", row_index)
-        return NearIDRecord(str(identity), row.get("category"), views, masks, distractors, row_index)
+        declared = int(n_images) if isinstance(n_images, (int, np.integer)) else None
+        record = NearIDRecord(str(identity), row.get("category"), views, masks, distractors, row_index, declared)
+        if record.n_images_disagrees and not self._warned_n_images:
+            self._warned_n_images = True
+            logger.warning("row %d (id %s) declares n_images=%d but has %d views; every present view is used, as the "
+                           "reference does (further rows are counted in the benchmark's data report, not logged)",
+                           row_index, identity, declared, record.n_views)
+        return record
 
     def __iter__(self) -> Iterator[NearIDRecord]:
         for k in range(len(self)):

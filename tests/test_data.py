@@ -136,16 +136,21 @@ def _value(img):
     return None if img is None else int(np.asarray(img)[0, 0, 0])
 
 
-def test_hf_records_join_rows_and_keep_slots():
+def test_hf_records_join_rows_and_keep_slots(caplog):
     datasets, pos, neg = _hf_datasets()
     records = HFNearIDRecords(pos, {"flux": neg}, indices=[2, 1])
     assert len(records) == 2
-    first, second = records[0], records[1]
+    with caplog.at_level("WARNING", logger="nearid_core"):
+        first, second = records[0], records[1]
     assert (first.identity_id, first.category, first.index) == ("12", "car", 2)
     assert [_value(v) for v in first.views] == [3, 6, None]
     assert [_value(v) for v in first.distractors["flux"]] == [13, 16, None]
-    # n_images = 2 hides a stray third image; a missing nimg1 stays a hole in slot 0
-    assert [_value(v) for v in second.views] == [2, 5, None]
+    assert (first.n_images, first.n_images_disagrees) == (2, False)
+    # as the reference: every present image is used, so n_images = 2 does not hide the third image (it used to);
+    # the disagreement is kept on the record and warned about. A missing nimg1 stays a hole in slot 0.
+    assert [_value(v) for v in second.views] == [2, 5, 99]
+    assert (second.n_images, second.n_views, second.n_images_disagrees) == (2, 3, True)
+    assert "row 1 (id 9) declares n_images=2 but has 3 views; every present view is used" in caplog.text
     assert [_value(v) for v in second.distractors["flux"]] == [None, 15, None]
     assert _value(second.masks[0]) == 255 and second.masks[1] is None
 

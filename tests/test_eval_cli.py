@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from nearid_core import NearIDScorer
-from nearid_core.data import NearIDRecord, load_local_nearid
+from nearid_core.data import NearIDRecord, load_local_nearid, open_image
 from nearid_core.eval import benchmarks
 from nearid_core.eval.__main__ import main, parse_args
 from nearid_core.eval.baselines import load_embedder
@@ -86,7 +86,8 @@ def test_nearid_bench_sims_hand_worked(tmp_path):
     b = _write_csv(tmp_path / "src_b.csv", *SRC_B)
     out = _run_json(["nearid-bench", "--sims", a, b, "--csv", tmp_path / "t.csv", "--latex", tmp_path / "t.tex"],
                     tmp_path / "r.json")
-    assert set(out) == {"SSR", "PA", "PA_terms", "SSR_mean", "n", "rows", "missing_terms", "per_source"}
+    assert set(out) == {"SSR", "PA", "PA_terms", "SSR_mean", "n", "indexing", "rows", "missing_terms", "per_source"}
+    assert out["indexing"] is None  # a CSV's numbering is its producer's
     assert list(out["per_source"]) == ["src_a", "src_b"]
     # missing terms (no n_pos column: every row should give the table's 2 resp. 6 terms): src_a c lacks cross_00 (1),
     # d lacks sim_01 (2); src_b g is a 2-view row in a 3-view table (4)
@@ -210,6 +211,27 @@ def test_mtg_sims_requires_every_column(tmp_path, capsys):
     assert "lacks the column(s) ['oracle_2']" in _usage_error(["mtg", "--sims", sims], capsys)
 
 
+def test_mtg_sims_reads_the_reference_column_names(tmp_path, capsys):
+    """A CSV of the reference sim_test.py --mode mtg (mtg_sim_1_2 ... mtg_oracle_2, plus its ratio / margin / win and
+    VLM text columns, which are ignored) gives the same summary as the same numbers under our names."""
+    ours = _run_json(["mtg", "--sims", _write_csv(tmp_path / "ours.csv", MTG_HEADER, MTG_ROWS)], tmp_path / "o.json")
+    names = {"sim_12": "mtg_sim_1_2", "sim_1_1p": "mtg_sim_1_1p", "sim_1_2p": "mtg_sim_1_2p",
+             "sim_2_2p": "mtg_sim_2_2p", "sim_2_1p": "mtg_sim_2_1p", "oracle_1": "mtg_oracle_1",
+             "oracle_2": "mtg_oracle_2"}
+    header = ["sample_id", "mtg_ratio_1", "mtg_oracle_1", "mtg_ratio_2", "mtg_oracle_2", "mtg_sim_1_2",
+              "mtg_sim_1_2_confidence", "mtg_sim_1_1p", "mtg_sim_1_2p", "mtg_sim_2_2p", "mtg_sim_2_1p",
+              "mtg_margin_1", "mtg_margin_2", "mtg_win_1", "mtg_win_2", "mtg_overall_win"]
+    ours_of = {names.get(c, c): k for k, c in enumerate(MTG_HEADER)}
+    extra = {"mtg_sim_1_2_confidence": "high", "mtg_win_1": "True", "mtg_win_2": "", "mtg_overall_win": "False"}
+    rows = [[extra.get(c, row[ours_of[c]] if c in ours_of else 0.25) for c in header] for row in MTG_ROWS]
+    reference = _write_csv(tmp_path / "reference.csv", header, rows)
+    assert _run_json(["mtg", "--sims", reference], tmp_path / "r.json") == ours
+    # a reference table lacking a column is told so in the reference's names
+    lacking = _write_csv(tmp_path / "lacking.csv", [c for c in header if c != "mtg_oracle_2"],
+                         [[v for c, v in zip(header, r) if c != "mtg_oracle_2"] for r in rows])
+    assert "lacks the column(s) ['mtg_oracle_2']" in _usage_error(["mtg", "--sims", lacking], capsys)
+
+
 # =====================================================================================================================
 # DreamBench++ M-H from a generated ratings folder
 # =====================================================================================================================
@@ -257,7 +279,8 @@ def _write_ratings(root, methods=OBJECT):
 def test_dreambench_object_category_hand_worked(tmp_path):
     ratings = _write_ratings(tmp_path / "ratings")
     out = _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "d.json")
-    assert set(out) == {"mh", "human_human", "per_method", "missing_ratings"} and out["missing_ratings"] == {}
+    assert set(out) == {"mh", "human_human", "per_method", "missing_ratings", "skipped_scorers"}
+    assert out["missing_ratings"] == {} and out["skipped_scorers"] == {}
     assert out["mh"]["nearid"] == pytest.approx(math.tanh((A_9999 + 0 + math.atanh(0.5)) / 3))
     assert out["per_method"]["nearid"] == pytest.approx({"alpha": 1.0, "beta": 0.0, "gamma": 0.5})
     # gpt equals group 1: r1 = 1 everywhere, r2 = 1, -1, 1 -> scores 1, 0, 1
@@ -294,8 +317,26 @@ def test_dreambench_fails_loudly_on_misaligned_keys(tmp_path, capsys):
     items[2] = ("object_01_mug-0_0", items[2][1])  # a different item, not just a suffix / alias
     path.write_text(json.dumps(dict(items)))
     assert "object_01_mug-0" in _usage_error(["dreambench", "--ratings", ratings], capsys)
+
+
+def test_dreambench_skips_a_scorer_lacking_a_method_unless_strict(tmp_path, capsys, caplog):
+    """As the reference: a scorer folder without every method is skipped with a warning naming it; --strict fails."""
+    ratings = _write_ratings(tmp_path / "ratings")
     (ratings / "data_gpt_rating" / "concept_preservation_full" / "gamma.json").unlink()
-    assert "lacks ratings for method(s) ['gamma']" in _usage_error(["dreambench", "--ratings", ratings], capsys)
+    folder = ratings / "data_gpt_rating" / "concept_preservation_full"
+    with caplog.at_level("WARNING", logger="nearid_core"):
+        out = _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "d.json")
+    assert f"skipping scorer folder {folder}" in caplog.text and "['gamma']" in caplog.text
+    assert set(out["mh"]) == {"nearid"} and out["skipped_scorers"] == {str(folder): ["gamma"]}
+    assert out["mh"]["nearid"] == pytest.approx(math.tanh((A_9999 + 0 + math.atanh(0.5)) / 3))  # unchanged
+    assert f"note: skipped {folder}: it lacks method(s) gamma" in capsys.readouterr().out
+    err = _usage_error(["dreambench", "--ratings", ratings, "--strict"], capsys)
+    assert "data_gpt_rating" in err and "lacks ratings for method(s) ['gamma']" in err
+    # every scorer skipped: an error naming them
+    (ratings / "data_nearid_rating" / "beta.json").unlink()
+    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
+    assert "no data_<scorer>_rating folder with ratings for all the human-rated methods" in err
+    assert "data_nearid_rating" in err
 
 
 # =====================================================================================================================
@@ -349,20 +390,22 @@ def test_nearid_bench_end_to_end(tmp_path, bench_data, release_dir, count_embeds
     assert all(0 <= out[k] <= 100 for k in ("SSR", "PA", "PA_terms", "SSR_mean"))
     assert (tmp_path / "plots" / f"nearid_bench_{release_dir.name}.png").is_file()
 
-    # the CSV is slot-aligned: cross_pn = cos(view p+1, distractor in view n+1's background)
+    # the default numbering is the reference sim_test.py's (compact): cross_pn = cos(p-th present view, n-th present
+    # distractor); the data has distractor gaps (checked below), so this differs from slot alignment
     rows = {r["sample_id"]: r for r in _read_rows(sims / "src_b.csv")}
     assert sorted(rows) == ids
     scorer = NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
-    ident = ids[0]
-    v = [bench_data / "identities" / ident / f"view{j}.png" for j in (1, 2, 3)]
-    d = [bench_data / "distractors" / "src_b" / ident / f"view{j}.png" for j in (1, 2, 3)]
-    for p in range(3):
-        for n in range(3):
-            cell = rows[ident][f"cross_{p}{n}"]
-            if v[p].exists() and d[n].exists():
-                assert float(cell) == pytest.approx(float(scorer.similarity(v[p], d[n])), abs=1e-5)
-            else:
-                assert cell == ""
+    for ident in ids:
+        v = [p for p in (bench_data / "identities" / ident / f"view{j}.png" for j in (1, 2, 3)) if p.exists()]
+        d = [p for p in (bench_data / "distractors" / "src_b" / ident / f"view{j}.png" for j in (1, 2, 3))
+             if p.exists()]
+        for p in range(3):
+            for n in range(3):
+                cell = rows[ident][f"cross_{p}{n}"]
+                if p < len(v) and n < len(d):
+                    assert float(cell) == pytest.approx(float(scorer.similarity(v[p], d[n])), abs=1e-5)
+                else:
+                    assert cell == ""
 
     # the dataset's gaps are reported: views missing from slots 1-2 (or before the last view), views without their
     # distractor per source, and the terms they cost
@@ -374,9 +417,12 @@ def test_nearid_bench_end_to_end(tmp_path, bench_data, release_dir, count_embeds
     assert sum(gaps["missing_distractors"].values()) > 0  # missing_rate=0.25: the data has gaps
     assert out["missing_terms"] == sum(s["missing_terms"] for s in out["per_source"].values()) > 0
 
-    # re-summarising the written CSVs gives the same JSON (less the dataset's gaps, which a CSV does not hold)
+    # re-summarising the written CSVs gives the same JSON (less the dataset's gaps and the indexing, which a CSV does
+    # not hold)
     again = _run_json(["nearid-bench", "--sims", sims / "src_a.csv", sims / "src_b.csv"], tmp_path / "again.json")
-    assert again == {k: v for k, v in out.items() if k != "data"}
+    assert out["indexing"] == "compact" and again["indexing"] is None
+    assert {k: v for k, v in again.items() if k != "indexing"} == {k: v for k, v in out.items()
+                                                                   if k not in ("data", "indexing")}
 
 
 def _read_rows(path):
@@ -394,8 +440,8 @@ def test_nearid_bench_fg_masks_and_all_split(tmp_path, bench_data, release_dir, 
     assert len(count_embeds) == n_images
     # fg images are masked copies: black outside the cleaned mask of their view slot
     assert all(isinstance(im, Image.Image) for im in count_embeds)
-    n_expected = sum(any(r.views[j] is not None and r.distractors["src_a"][j] is not None for j in range(3))
-                     for r in records)  # a sample needs one view whose own distractor exists
+    # compact numbering (the default): a sample needs 2 views and 1 distractor
+    n_expected = sum(r.n_views >= 2 and any(x is not None for x in r.distractors["src_a"]) for r in records)
     assert list(out["per_source"]) == ["src_a"] and out["n"] == n_expected
 
 
@@ -461,7 +507,7 @@ def test_hf_paths_through_the_cli(tmp_path, monkeypatch, release_dir, count_embe
 
 
 class ColourEmbedder:
-    """Embedding = the image's (unique) RGB colour, normalised; counts calls."""
+    """Embedding = the image's (unique) RGB colour, normalised; counts calls. Takes PIL images or files."""
 
     name, model_id = "colour", "colour"
 
@@ -470,6 +516,7 @@ class ColourEmbedder:
 
     def embed(self, images, batch_size=16, progress=None):
         self.calls += len(images)
+        images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
         rgb = torch.tensor(np.stack([np.asarray(im).reshape(-1, 3)[0] for im in images]), dtype=torch.float32)
         return torch.nn.functional.normalize(rgb, dim=-1)
 
@@ -495,6 +542,52 @@ def test_aligned_vs_compact_indexing():
     # margins, aligned: sims all 0; 01/a0: 0-1 L, 02/a0: 0-1 L, 02/a2: 0-0 L(tie), 12/a2 L(tie) -> 0 of 4
     m = aligned.metrics["s"]
     assert (m.counts.term_trials, m.counts.term_wins, m.n) == (4, 0, 1)
+
+
+def _write_png(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _solid(rgb).save(path)
+
+
+def test_default_indexing_is_compact_and_differs_from_aligned(tmp_path, monkeypatch, capsys):
+    """A local layout with gaps, embedded by colour; the default numbering is the reference's (compact).
+
+    y: views R, Y; distractor of view 1 missing, view 2's distractor d2 = (255, 0, 60) looks like view 1.
+       sim_01 = cos(R, Y) = .7071. aligned: only cross_11 = cos(Y, d2) = .6881 -> margin +.019 W.
+       compact: d2 is the first present distractor: only cross_00 = cos(R, d2) = .9731 -> margin -.266 L.
+    z: views R, (255, 40, 0); distractors B, B: sim_01 = .988, cross_00 = cross_11 = 0 -> 2 W in both modes.
+    w: one view: no term in aligned; compact leaves it out of the table (reported).
+    aligned: n 2, all win: SSR 100, PA (3 + 2) / (3 + 2) = 100
+    compact: n 2, y loses: SSR 50, PA (2 + 1) / (3 + 2) = 60, PA_terms 2 / 3
+    """
+    root = tmp_path / "data"
+    layout = {"y": ([(255, 0, 0), (255, 255, 0)], [None, (255, 0, 60)]),
+              "z": ([(255, 0, 0), (255, 40, 0)], [(0, 0, 255), (0, 0, 255)]),
+              "w": ([(0, 255, 0)], [(0, 0, 255)])}
+    for ident, (views, dists) in layout.items():
+        for j, rgb in enumerate(views):
+            _write_png(root / "identities" / ident / f"view{j + 1}.png", rgb)
+        for j, rgb in enumerate(dists):
+            if rgb is not None:
+                _write_png(root / "distractors" / "s" / ident / f"view{j + 1}.png", rgb)
+    monkeypatch.setattr("nearid_core.eval.__main__._embedder", lambda args, dist: ColourEmbedder())
+    monkeypatch.chdir(tmp_path)
+    default = _run_json(["nearid-bench", "--data", root], tmp_path / "default.json")
+    compact = _run_json(["nearid-bench", "--data", root, "--indexing", "compact"], tmp_path / "compact.json")
+    aligned = _run_json(["nearid-bench", "--data", root, "--indexing", "aligned"], tmp_path / "aligned.json")
+    assert default == compact and default["indexing"] == "compact" and aligned["indexing"] == "aligned"
+    assert (aligned["n"], aligned["SSR"], aligned["PA"]) == (2, 100.0, 100.0)
+    assert (compact["n"], compact["SSR"], compact["PA"]) == (2, 50.0, 60.0)
+    assert compact["PA_terms"] == pytest.approx(200 / 3)
+    assert compact["data"]["dropped_samples"] == {"s": 1} and aligned["data"]["dropped_samples"] == {"s": 0}
+    # the default run's CSVs go to nearid-bench_full, the aligned one's to nearid-bench_full_aligned
+    (default_dir,) = tmp_path.glob("eval_outputs/*/nearid-bench_full")
+    assert (default_dir.parent / "nearid-bench_full_aligned" / "s.csv").is_file()
+    assert [r["sample_id"] for r in _read_rows(default_dir / "s.csv")] == ["y", "z"]
+    # the printed table says which numbering produced it
+    assert main(["nearid-bench", "--data", str(root), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "masks=full, indexing=compact" in text and "note: indexing: compact (as the paper's sim_test.py" in text
 
 
 def test_embedding_cache_shards_over_processes():

@@ -271,12 +271,42 @@ def test_nearid_data_gaps_are_counted_and_logged(caplog):
     ]
     with caplog.at_level("WARNING", logger="nearid_core"):
         result = run_nearid_bench(records, MeanColour(), progress=False)
-    # views: gap lacks view 2 (before its view 3), one lacks view 2 -> 2; distractors: t lacks gap's view 3
-    assert result.to_json()["data"] == {"samples": 3, "missing_views": 2, "missing_distractors": {"s": 0, "t": 1}}
+    # views: gap lacks view 2 (before its view 3), one lacks view 2 -> 2; distractors: t lacks gap's view 3;
+    # "one" has a single view, so the compact numbering (the default) leaves it out of both tables
+    assert result.to_json()["data"] == {"samples": 3, "missing_views": 2, "missing_distractors": {"s": 0, "t": 1},
+                                        "dropped_samples": {"s": 1, "t": 1}, "n_images_disagree": 0}
     assert "3 samples, 2 missing positive views, 1 missing distractors (t 1)" in caplog.text
+    assert "2 samples left out of a source's table (fewer than 2 views or no distractor, as sim_test.py) (s 1, t 1)" \
+        in caplog.text
     # the lost term: gap in t has only sim_02 - cross_00 (1 of its 2 terms)
     assert result.reports["t"].missing_terms == 1 and result.reports["s"].missing_terms == 0
     assert "note: data: 3 samples" in result.table().to_text()
+
+
+def test_fg_drops_views_without_a_mask_and_n_images_hides_nothing(caplog):
+    """As the reference: with fg masks a view slot without a mask loses its view and its distractors (counted); a
+    declared n_images below the present views hides none of them (counted)."""
+    v = [_solid(200, 10, 10), _solid(190, 20, 10), _solid(180, 10, 30)]
+    d = [_solid(10, 200, 10), _solid(10, 190, 30), _solid(30, 10, 190)]
+    white = Image.new("L", (4, 4), 255)
+    records = [NearIDRecord("m", None, list(v), [white, None, white], {"s": list(d)}),
+               NearIDRecord("n", None, list(v), [white] * 3, {"s": list(d)}, n_images=2)]
+    with caplog.at_level("WARNING", logger="nearid_core"):
+        fg = run_nearid_bench(records, MeanColour(), masks="fg", progress=False)
+    m, n = fg.rows["s"]
+    assert (m["n_pos"], m["n_neg"]) == (2, 2)  # view 2 and its distractor are gone (it used to be the full view 2)
+    assert (n["n_pos"], n["n_neg"]) == (3, 3)  # all three views, n_images = 2 notwithstanding
+    data = fg.to_json()["data"]
+    assert (data["unmasked_views"], data["unmasked_distractors"], data["n_images_disagree"]) == (1, {"s": 1}, 1)
+    assert "identity m has a view without a mask; that view and its distractors are dropped" in caplog.text
+    text = fg.table().to_text()
+    assert "fg: 1 views without a mask dropped with their 1 distractors, as the reference does" in text
+    assert "1 samples declare an n_images other than their present views" in text
+    full = run_nearid_bench(records, MeanColour(), masks="full", progress=False)
+    assert full.rows["s"][0]["n_pos"] == 3 and "unmasked_views" not in full.to_json()["data"]
+    with pytest.raises(ValueError, match="--masks fg: no view has a foreground mask"):
+        run_nearid_bench([NearIDRecord("bare", None, list(v), distractors={"s": list(d)})], MeanColour(), masks="fg",
+                         progress=False)
 
 
 def test_mtg_data_gaps_are_counted(caplog):

@@ -6,16 +6,18 @@ Usage::
     python -m nearid_core.eval nearid-bench --data DIR [--split test|all|FILE.json] [--baseline clip-vit-l14]
     python -m nearid_core.eval nearid-bench --sims flux.csv qwen.csv ...       # source name = file stem
     python -m nearid_core.eval mtg --hf | --data DIR | --sims FILE.csv
-    python -m nearid_core.eval dreambench --ratings DIR [--category object]
+    python -m nearid_core.eval dreambench --ratings DIR [--category object] [--strict]
     python -m nearid_core.eval dreambench-score --samples SAMPLES --ratings DIR [--name nearid]
 
 Model runs take ``--model`` (hub id or local dir; default the chosen baseline's weights, NearID for ``nearid``),
 ``--baseline`` (``nearid``, ``siglip2-map``, ``siglip2-mean``, ``clip-vit-l14``, ``dinov2-l``), ``--device``,
 ``--dtype``, ``--batch-size``, and write their per-sample similarity CSVs to ``--sims-out`` (re-summarise them later
-with ``--sims``). ``--sims`` tables are checked (columns, numbers, values in ``--sim-range``, default -1 1; unique
-sample ids); empty cells, like the missing views and distractors of ``--data``, are counted and reported under the
-table and in the JSON. Every subcommand prints a table and takes ``--json``, ``--csv``, ``--latex`` and ``--plots DIR``.
-A mistake in the command line or the inputs exits with status 2 and one message.
+with ``--sims``). ``nearid-bench`` numbers the images as the paper's ``sim_test.py`` does (``--indexing compact``, the
+default, Table 1) or slot by slot (``--indexing aligned``); the table notes and the JSON say which. ``--sims`` tables
+are checked (columns, numbers, values in ``--sim-range``, default -1 1; unique sample ids); empty cells, like the
+missing views and distractors of ``--data``, are counted and reported under the table and in the JSON. Every
+subcommand prints a table and takes ``--json``, ``--csv``, ``--latex`` and ``--plots DIR``. A mistake in the command
+line or the inputs exits with status 2 and one message.
 Launch with ``accelerate launch -m nearid_core.eval ...`` to split the embedding over several GPUs.
 """
 
@@ -86,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split name, 'all', or (--data) a JSON file (default test)")
     p.add_argument("--indices", type=Path, help="JSON list of 0-based row positions selecting the split")
     p.add_argument("--masks", choices=MASK_MODES, help="full images (default, Table 1) or fg (cleaned masks)")
-    p.add_argument("--indexing", choices=INDEXING_MODES, help="slot-aligned cross terms (default) or the reference "
-                                                              "sim_test.py compaction")
+    p.add_argument("--indexing", choices=INDEXING_MODES,
+                   help="compact (default; the paper's sim_test.py numbering, Table 1: cross_ij = i-th present view vs "
+                        "j-th present distractor) or aligned (cross_aa = view a+1 vs the distractor in its own "
+                        "background)")
     p.add_argument("--sims-out", type=Path, help="folder for the per-sample CSVs (default "
-                                                 "eval_outputs/<model>/nearid-bench_<masks>)")
+                                                 "eval_outputs/<model>/nearid-bench_<masks>[_aligned])")
     _add_sim_range(p)
     _add_model_options(p)
     _add_output_options(p)
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="local MTG folder (<root>/<sample_id>/image_*.png)")
     src.add_argument("--hf", action="store_true", help="hub dataset abdo-eldesokey/mtg-dataset")
     src.add_argument("--sims", type=Path, metavar="CSV", help="per-sample CSV with sim_12, sim_1_1p, sim_1_2p, "
-                                                              "sim_2_2p, sim_2_1p, oracle_1, oracle_2")
+                                                              "sim_2_2p, sim_2_1p, oracle_1, oracle_2 (or the "
+                                                              "reference's mtg_sim_1_2 ... mtg_oracle_2)")
     p.add_argument("--split", help="hub split (default test; --hf only)")
     p.add_argument("--masks", choices=MASK_MODES, help="full (default) or fg (object masks, uncleaned)")
     p.add_argument("--sims-out", type=Path,
@@ -112,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratings", type=Path, required=True,
                    help="folder with data_human_rating/ and data_<scorer>_rating/")
     p.add_argument("--category", nargs="+", choices=M_H_CATEGORIES, help="categories (default all four)")
+    p.add_argument("--strict", action="store_true",
+                   help="a data_<scorer>_rating folder lacking some method is an error (default: skipped with a "
+                        "warning, as the reference does)")
     _add_output_options(p)
 
     p = sub.add_parser("dreambench-score", help="write data_<name>_rating/ from DreamBench++ samples")
@@ -203,7 +211,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             _check_json_file(Path(args.split), "--split")
         args.masks = args.masks or "full"
         if cmd == "nearid-bench":
-            args.indexing = args.indexing or "aligned"
+            args.indexing = args.indexing or "compact"
     if cmd in ("nearid-bench", "mtg", "dreambench-score"):
         args.baseline = args.baseline or "nearid"
         args.batch_size = 32 if args.batch_size is None else args.batch_size
@@ -303,11 +311,12 @@ def _cmd_nearid_bench(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, dist=dist, progress=not args.quiet)
         if dist is not None and not dist.is_main:
             return 0
-        suffix = "" if args.indexing == "aligned" else f"_{args.indexing}"
+        suffix = "" if args.indexing == "compact" else f"_{args.indexing}"
         out = args.sims_out or Path("eval_outputs") / label / f"nearid-bench_{args.masks}{suffix}"
         result.write_sims(out)
         logger.info("per-sample similarities: %s (re-summarise with --sims %s/*.csv)", out, out)
-    _emit(args, [result.table(f"NearID-Bench ({label}, masks={args.masks or 'from CSV'})")], result.to_json())
+    setting = f"masks={args.masks}, indexing={args.indexing}" if args.sims is None else "from CSV"
+    _emit(args, [result.table(f"NearID-Bench ({label}, {setting})")], result.to_json())
     if args.plots:
         logger.info("wrote %s", plot_nearid_bench(result, label, args.plots))
     return 0
@@ -340,7 +349,7 @@ def _cmd_mtg(args: argparse.Namespace) -> int:
 def _cmd_dreambench(args: argparse.Namespace) -> int:
     from .benchmarks import plot_dreambench_bars, run_dreambench
 
-    result = run_dreambench(args.ratings, args.category)
+    result = run_dreambench(args.ratings, args.category, strict=args.strict)
     _emit(args, [result.table()] + result.method_tables(), result.to_json())
     if args.plots:
         logger.info("wrote %s", plot_dreambench_bars(result, args.plots))

@@ -16,10 +16,13 @@ back by the ``--sims`` modes, so any third-party metric can be benchmarked:
 
 * NearID-Bench, one file per distractor source (source name = file stem): ``sim_01, sim_02, sim_12`` (positive view
   i vs view j) and ``cross_pn`` (positive view p vs the distractor in view n's background), plus informational
-  ``sample_id, category, n_pos, n_neg``. This implementation keeps **slot alignment** (``cross_11`` is always view 2
-  vs the distractor in view 2's background, empty if either is missing); ``indexing="compact"`` reproduces the
-  reference ``sim_test.py``, which numbers present images only and drops rows with < 2 positives or no distractor.
-* MTG: ``sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1, oracle_2`` (+ ``sample_id``).
+  ``sample_id, category, n_pos, n_neg``. By default (``indexing="compact"``) the numbering is the reference
+  ``sim_test.py``'s, which gives Table 1: index i is the i-th *present* view or distractor, so a missing middle view or
+  distractor shifts which background ``cross_ii`` compares against, and samples with < 2 views or no distractor are
+  left out (counted). ``indexing="aligned"`` keeps **slot alignment** instead (``cross_11`` is always view 2 vs the
+  distractor in view 2's background, empty if either is missing), like the reference's training-time evaluator.
+* MTG: ``sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1, oracle_2`` (+ ``sample_id``); ``--sims`` also
+  reads the reference's names for them (``mtg_sim_1_2`` ... ``mtg_oracle_2``).
 
 Every table read back is checked (:func:`read_sims_csv`): the columns the metric needs, numbers only, similarities
 within the declared range (cosines: [-1, 1]), unique ``sample_id``. What is missing is counted, never silently
@@ -30,6 +33,7 @@ dataset (:class:`BenchDataGaps`, :class:`MTGDataGaps`); both go into the JSON an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -458,36 +462,89 @@ def bench_columns() -> list[str]:
     return list(BENCH_INFO_COLUMNS) + list(BENCH_COLUMNS)
 
 
+#: The first note under a NearID-Bench table: which numbering of the cross terms produced the numbers.
+INDEXING_NOTES: dict[str | None, str] = {
+    "compact": "indexing: compact (as the paper's sim_test.py and Table 1: cross_ij = i-th present view vs j-th "
+               "present distractor)",
+    "aligned": "indexing: aligned (cross_aa = view a+1 vs the distractor in its own background; differs from Table 1 "
+               "when views or distractors are missing)",
+    None: "indexing: as numbered in the CSVs",
+}
+
 _BENCH_HINT = ("A NearID-Bench table needs sim_01, cross_00 and cross_11, plus sim_02, sim_12 and cross_22 when "
                "samples have a third view; leave missing values empty.")
 
 
 @dataclass(frozen=True)
 class BenchDataGaps:
-    """Gaps of a NearID-Bench dataset: they cost directed terms, so the results report them.
+    """Gaps of a NearID-Bench dataset: they cost directed terms or whole samples, so the results report them.
 
     Attributes:
         samples: identities read.
         missing_views: empty view slots a sample needs (views 1 and 2, and every slot before its last present view).
         missing_distractors: source -> present views without a distractor in their background in that source.
+        dropped_samples: source -> samples left out of that source's table: with ``compact`` indexing, as the
+            reference ``sim_test.py``, a sample needs 2 present views and 1 distractor.
+        n_images_disagree: samples whose declared ``n_images`` differs from their present views (all are used).
+        unmasked_views: ``fg`` only (else None): present views without a mask, dropped with their distractors as the
+            reference drops them.
+        unmasked_distractors: ``fg`` only: source -> distractors dropped because their view slot has no mask.
     """
 
     samples: int
     missing_views: int
     missing_distractors: dict[str, int]
+    dropped_samples: dict[str, int] = field(default_factory=dict)
+    n_images_disagree: int = 0
+    unmasked_views: int | None = None
+    unmasked_distractors: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "missing_views": self.missing_views,
-                "missing_distractors": dict(self.missing_distractors)}
+        out: dict[str, Any] = {"samples": self.samples, "missing_views": self.missing_views,
+                               "missing_distractors": dict(self.missing_distractors),
+                               "dropped_samples": dict(self.dropped_samples),
+                               "n_images_disagree": self.n_images_disagree}
+        if self.unmasked_views is not None:
+            out |= {"unmasked_views": self.unmasked_views,
+                    "unmasked_distractors": dict(self.unmasked_distractors or {})}
+        return out
 
     def note(self) -> str | None:
         """One line on the gaps, or None when there are none."""
         n_dist = sum(self.missing_distractors.values())
-        if not self.missing_views and not n_dist:
-            return None
-        per_source = ", ".join(f"{s} {k}" for s, k in self.missing_distractors.items() if k)
-        return (f"data: {self.samples} samples, {self.missing_views} missing positive views, {n_dist} missing "
-                f"distractors{f' ({per_source})' if per_source else ''}; their terms are not counted")
+        parts = []
+        if self.missing_views or n_dist:
+            parts.append(f"{self.missing_views} missing positive views, {n_dist} missing distractors"
+                         f"{_per_source(self.missing_distractors)}; their terms are not counted")
+        if self.unmasked_views:
+            parts.append(f"fg: {self.unmasked_views} views without a mask dropped with their "
+                         f"{sum((self.unmasked_distractors or {}).values())} distractors, as the reference does")
+        if any(self.dropped_samples.values()):
+            parts.append(f"{sum(self.dropped_samples.values())} samples left out of a source's table (fewer than 2 "
+                         f"views or no distractor, as sim_test.py){_per_source(self.dropped_samples)}")
+        if self.n_images_disagree:
+            parts.append(f"{self.n_images_disagree} samples declare an n_images other than their present views "
+                         "(every present view is used, as the reference does)")
+        return f"data: {self.samples} samples, " + "; ".join(parts) if parts else None
+
+
+def _per_source(counts: Mapping[str, int]) -> str:
+    """`` (a 2, b 1)`` for the sources with a non-zero count, else an empty string."""
+    text = ", ".join(f"{s} {k}" for s, k in counts.items() if k)
+    return f" ({text})" if text else ""
+
+
+def _drop_unmasked(rec: NearIDRecord, sources: Sequence[str]) -> tuple[NearIDRecord, int, dict[str, int]]:
+    """``fg`` masks as the reference applies them: a view slot without a mask loses its view and every distractor
+    in its background. Returns the trimmed record, the views dropped and, per source, the distractors dropped."""
+    bare = [j for j in range(MAX_VIEWS) if rec.masks[j] is None]
+    if not bare:
+        return rec, 0, {s: 0 for s in sources}
+    views = [None if j in bare else v for j, v in enumerate(rec.views)]
+    distractors = {s: [None if j in bare else x for j, x in enumerate(slots)] for s, slots in rec.distractors.items()}
+    n_views = sum(rec.views[j] is not None for j in bare)
+    n_dist = {s: sum(x is not None for j, x in enumerate(rec.distractors.get(s) or []) if j in bare) for s in sources}
+    return dataclasses.replace(rec, views=views, distractors=distractors), n_views, n_dist
 
 
 def _record_gaps(rec: NearIDRecord, sources: Sequence[str]) -> tuple[int, dict[str, int]]:
@@ -512,6 +569,8 @@ class NearIDBenchResult:
         n_embedded: images embedded by this process.
         reports: source -> rows and missing terms of its table.
         gaps: gaps of the dataset (model runs only).
+        indexing: how the cross terms were numbered (:data:`INDEXING_MODES`); None for summaries of CSVs, whose
+            producer numbered them.
     """
 
     metrics: dict[str, BenchMetrics]
@@ -519,6 +578,7 @@ class NearIDBenchResult:
     n_embedded: int = 0
     reports: dict[str, TableReport] = field(default_factory=dict)
     gaps: BenchDataGaps | None = None
+    indexing: str | None = None
 
     @property
     def sources(self) -> list[str]:
@@ -526,7 +586,8 @@ class NearIDBenchResult:
 
     def to_json(self) -> dict[str, Any]:
         """``SSR, PA, PA_terms, SSR_mean`` (percent), ``n``, ``rows`` and ``missing_terms`` micro-pooled, the same
-        per source with counts, and (model runs) ``data``: the dataset's gaps."""
+        per source with counts, ``indexing`` (None for CSV summaries) and (model runs) ``data``: the dataset's
+        gaps."""
         pooled = self.metrics[POOLED]
         out: dict[str, Any] = {
             "SSR": pooled.ssr,
@@ -534,6 +595,7 @@ class NearIDBenchResult:
             "PA_terms": pooled.pa_terms,
             "SSR_mean": pooled.ssr_mean,
             "n": pooled.n,
+            "indexing": self.indexing,
         }
         if self.reports:
             out |= _pool_reports(self.reports.values()).to_json()
@@ -544,8 +606,9 @@ class NearIDBenchResult:
         return out
 
     def notes(self) -> list[str]:
-        """Lines on missing terms and dataset gaps (empty when nothing is missing)."""
-        lines = [r.note(s) for s, r in self.reports.items()] + [self.gaps.note() if self.gaps else None]
+        """The indexing that produced the numbers, then lines on missing terms and dataset gaps."""
+        lines = [INDEXING_NOTES.get(self.indexing, INDEXING_NOTES[None])]
+        lines += [r.note(s) for s, r in self.reports.items()] + [self.gaps.note() if self.gaps else None]
         return [line for line in lines if line]
 
     def write_sims(self, directory: str | os.PathLike) -> list[Path]:
@@ -628,23 +691,18 @@ def _warn_once(flag: dict, key: str, message: str, *args) -> None:
 
 
 def _queue_nearid(
-    rec: NearIDRecord, sources: Sequence[str], masks: str, cache: EmbeddingCache, warned: dict
+    rec: NearIDRecord, sources: Sequence[str], masks: str, cache: EmbeddingCache
 ) -> tuple[list[str | None], dict[str, list[str | None]]]:
-    """Queue a record's images in the cache; returns the keys of the positive slots and of every source's slots."""
-    mask_keys: list[str | None] = [None] * MAX_VIEWS
+    """Queue a record's images in the cache; returns the keys of the positive slots and of every source's slots.
+
+    With ``fg`` masks every present image must have its slot's mask (:func:`_drop_unmasked` removes the others).
+    """
     cleaned: dict[int, Image.Image] = {}
-    if masks == "fg":
-        for j in range(MAX_VIEWS):
-            if rec.masks[j] is not None:
-                mask_keys[j] = cache.key(rec.masks[j])
-            elif rec.views[j] is not None:
-                _warn_once(warned, "mask", "fg masks: identity %s has no mask for view %d; using the full image "
-                           "(further cases not reported)", rec.identity_id, j + 1)
 
     def queue(image: Any, j: int) -> str | None:
         if image is None:
             return None
-        if masks == "full" or mask_keys[j] is None:
+        if masks == "full":
             return cache.add(image)
 
         def load(image=image, j=j) -> Image.Image:
@@ -652,7 +710,7 @@ def _queue_nearid(
                 cleaned[j] = clean_mask(rec.masks[j])
             return apply_mask(image, cleaned[j])
 
-        return cache.add(None, key=f"fg:{cache.key(image)}:{mask_keys[j]}", loader=load)
+        return cache.add(None, key=f"fg:{cache.key(image)}:{cache.key(rec.masks[j])}", loader=load)
 
     pos = [queue(rec.views[j], j) for j in range(MAX_VIEWS)]
     neg = {}
@@ -692,7 +750,7 @@ def run_nearid_bench(
     embedder,
     sources: Sequence[str] | None = None,
     masks: str = "full",
-    indexing: str = "aligned",
+    indexing: str = "compact",
     batch_size: int = 32,
     dist: Distributed | None = None,
     progress: bool = True,
@@ -701,15 +759,19 @@ def run_nearid_bench(
     """Embed a NearID-Bench split and compute SSR / PA per source and micro-pooled.
 
     Views missing from a sample and views without their distractor cost terms: they are counted in the result's
-    ``gaps`` (and logged), the terms they cost in its ``reports``.
+    ``gaps`` (and logged), the terms they cost in its ``reports``. Every present view is used, whatever ``n_images``
+    a record declares (disagreements are counted), as the reference does.
 
     Args:
         records: identities (local or hub records); read once, in order.
         embedder: see :class:`~nearid_core.eval.baselines.Embedder`.
         sources: distractor sources to evaluate (default: those of the first record).
         masks: ``"full"`` raw images (Table 1) or ``"fg"``: view j's cleaned mask applied to view j and to every
-            distractor of slot j, background black.
-        indexing: ``"aligned"`` (slot-aligned cross terms) or ``"compact"`` (the reference ``sim_test.py``).
+            distractor of slot j, background black; a slot without a mask loses its view and distractors, as in
+            the reference (counted in ``gaps``).
+        indexing: ``"compact"`` (default; the reference ``sim_test.py`` and Table 1: index i is the i-th *present*
+            view or distractor, and a sample needs 2 views and 1 distractor) or ``"aligned"`` (slot-aligned cross
+            terms: ``cross_aa`` is always view a+1 against the distractor in its own background).
         batch_size: images per forward pass.
         dist: process group for multi-GPU embedding.
         progress: show a progress bar over identities.
@@ -726,8 +788,10 @@ def run_nearid_bench(
     total = len(records) if hasattr(records, "__len__") else None  # type: ignore[arg-type]
     rows: dict[str, list[dict[str, Any]]] = {}
     pending: list[tuple[NearIDRecord, list, dict]] = []
-    warned: dict = {}
-    n_samples, missing_views, missing_distractors = 0, 0, {}
+    n_samples = missing_views = n_images_disagree = present_views = unmasked_views = 0
+    missing_distractors: dict[str, int] = {}
+    unmasked_distractors: dict[str, int] = {}
+    dropped: dict[str, int] = {}
 
     def drain() -> None:
         cache.flush()
@@ -735,7 +799,9 @@ def run_nearid_bench(
             pos = [cache[k] if k else None for k in pos_keys]
             for s, keys in neg_keys.items():
                 row = _bench_row(rec, pos, [cache[k] if k else None for k in keys], indexing)
-                if row is not None:
+                if row is None:
+                    dropped[s] += 1
+                else:
                     rows[s].append(row)
         pending.clear()
 
@@ -747,24 +813,42 @@ def run_nearid_bench(
         if not rows:
             rows = {s: [] for s in sources}
             missing_distractors = {s: 0 for s in sources}
+            unmasked_distractors = {s: 0 for s in sources}
+            dropped = {s: 0 for s in sources}
         n_views, n_dist = _record_gaps(rec, sources)
         n_samples, missing_views = n_samples + 1, missing_views + n_views
+        n_images_disagree += rec.n_images_disagrees
         for s, k in n_dist.items():
             missing_distractors[s] += k
-        pos_keys, neg_keys = _queue_nearid(rec, sources, masks, cache, warned)
+        if masks == "fg":
+            present_views += rec.n_views
+            rec, k_views, k_dist = _drop_unmasked(rec, sources)
+            if k_views and not unmasked_views:
+                logger.warning("fg masks: identity %s has a view without a mask; that view and its distractors are "
+                               "dropped, as the reference does (all cases are counted in the data report)",
+                               rec.identity_id)
+            unmasked_views += k_views
+            for s, k in k_dist.items():
+                unmasked_distractors[s] += k
+        pos_keys, neg_keys = _queue_nearid(rec, sources, masks, cache)
         pending.append((rec, pos_keys, neg_keys))
         if cache.n_pending >= flush_every:
             drain()
     drain()
     if not rows:
         raise ValueError("no identities to evaluate (empty split?)")
+    if masks == "fg" and present_views and unmasked_views == present_views:
+        raise ValueError("--masks fg: no view has a foreground mask (hub column masks1..3, or mask{j}.png next to "
+                         "view{j}.png); use --masks full")
     tables = {s: _columns_of(r, BENCH_COLUMNS + ("n_pos",)) for s, r in rows.items()}
     logger.info("nearid-bench: %d unique images embedded by this process", cache.n_embedded)
-    gaps = BenchDataGaps(n_samples, missing_views, missing_distractors)
+    fg = masks == "fg"
+    gaps = BenchDataGaps(n_samples, missing_views, missing_distractors, dropped, n_images_disagree,
+                         unmasked_views if fg else None, unmasked_distractors if fg else None)
     if gaps.note():
         logger.warning("nearid-bench %s", gaps.note())
     return NearIDBenchResult(_summarize_bench(tables), rows, cache.n_embedded,
-                             {s: _bench_table_report(t) for s, t in tables.items()}, gaps)
+                             {s: _bench_table_report(t) for s, t in tables.items()}, gaps, indexing)
 
 
 # ====================================================================================================================
@@ -772,8 +856,20 @@ def run_nearid_bench(
 # ====================================================================================================================
 
 
-_MTG_HINT = ("An MTG table needs sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1 and oracle_2; leave missing "
-             "values empty.")
+_MTG_HINT = ("An MTG table needs sim_12, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p, oracle_1 and oracle_2 (or the "
+             "reference sim_test.py's names mtg_sim_1_2, mtg_sim_1_1p, mtg_sim_1_2p, mtg_sim_2_2p, mtg_sim_2_1p, "
+             "mtg_oracle_1 and mtg_oracle_2); leave missing values empty.")
+
+#: Our MTG column -> the reference ``sim_test.py --mode mtg`` column holding the same value.
+MTG_REFERENCE_COLUMNS: dict[str, str] = {
+    "sim_12": "mtg_sim_1_2",
+    "sim_1_1p": "mtg_sim_1_1p",
+    "sim_1_2p": "mtg_sim_1_2p",
+    "sim_2_2p": "mtg_sim_2_2p",
+    "sim_2_1p": "mtg_sim_2_1p",
+    "oracle_1": "mtg_oracle_1",
+    "oracle_2": "mtg_oracle_2",
+}
 
 
 @dataclass(frozen=True)
@@ -859,13 +955,29 @@ def _mtg_ranges(sim_range: tuple[float, float] = SIM_RANGE) -> dict[str, ValueRa
     return _similarity_ranges(MTG_SIMS, sim_range) | {"oracle_1": oracle, "oracle_2": oracle}
 
 
+def _csv_header(path: str | os.PathLike) -> list[str]:
+    """The stripped header cells of a CSV file (empty when unreadable: :func:`read_sims_csv` then names the fault)."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
 def mtg_from_sims(path: str | os.PathLike, sim_range: tuple[float, float] = SIM_RANGE) -> MTGResult:
-    """MTG metrics from a per-sample CSV with the columns :data:`MTG_COLUMNS` (empty cells allowed and counted).
+    """MTG metrics from a per-sample CSV with the columns :data:`MTG_COLUMNS` (empty cells allowed and counted), or
+    with the reference ``sim_test.py``'s names for them (:data:`MTG_REFERENCE_COLUMNS`), so its CSVs can be
+    re-summarised. A file with none of our names but some reference name is read with the reference names.
 
     Raises:
         SimsTableError: a malformed file (see :func:`read_sims_csv`; similarities in ``sim_range``, oracles <= 1).
     """
-    columns = read_sims_csv(path, MTG_COLUMNS, required=MTG_COLUMNS, ranges=_mtg_ranges(sim_range), hint=_MTG_HINT)
+    header = set(_csv_header(path))
+    reference = not header & set(MTG_COLUMNS) and bool(header & set(MTG_REFERENCE_COLUMNS.values()))
+    names = {c: MTG_REFERENCE_COLUMNS[c] if reference else c for c in MTG_COLUMNS}
+    ranges = {names[c]: r for c, r in _mtg_ranges(sim_range).items()}
+    read = read_sims_csv(path, list(names.values()), required=list(names.values()), ranges=ranges, hint=_MTG_HINT)
+    columns = {c: read[names[c]] for c in MTG_COLUMNS}
     n = len(columns[MTG_COLUMNS[0]])
     rows = [{c: float(columns[c][i]) for c in MTG_COLUMNS} for i in range(n)]
     metrics, report = _mtg_summary(columns)
@@ -957,6 +1069,8 @@ class DreamBenchRatings:
         paths: (group or scorer, method) -> file, for messages.
         missing: group or scorer -> method -> ratings that are null / NaN (left out of that file's correlations);
             only files with some.
+        skipped: scorer folder -> the human-rated methods it lacks; such a folder is left out (as the reference
+            does) unless loading is strict.
     """
 
     human_1: dict[str, dict[str, float]]
@@ -964,6 +1078,7 @@ class DreamBenchRatings:
     scorers: dict[str, dict[str, dict[str, float]]]
     paths: dict[tuple[str, str], Path] = field(default_factory=dict)
     missing: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -1014,16 +1129,19 @@ def _scorer_folder(d: Path) -> Path:
     return sub if sub.is_dir() else d
 
 
-def load_dreambench_ratings(root: str | os.PathLike) -> DreamBenchRatings:
+def load_dreambench_ratings(root: str | os.PathLike, strict: bool = False) -> DreamBenchRatings:
     """Read a DreamBench++ ratings folder.
 
     Layout: ``data_human_rating/merged_data/group{1,2}/<method>-cp.json``, and for every scorer
     ``data_<scorer>_rating/<method>.json`` (or ``data_<scorer>_rating/concept_preservation_full/<method>.json``, as
-    ``data_gpt_rating``). Methods are those of group 1. A ``data_*_rating`` folder without any method file is skipped.
+    ``data_gpt_rating``). Methods are those of group 1. A ``data_*_rating`` folder without any method file is skipped;
+    one that lacks some of the methods is skipped with a warning naming it (as the reference skips it), or is an
+    error when ``strict``.
 
     Raises:
-        ValueError: missing human files, a scorer folder that lacks some methods, or rating files whose keys are not
-            aligned by position (after stripping a trailing ``_<n>`` and mapping ``rubik's_cube`` to ``magic_cube``).
+        ValueError: missing human files, a scorer folder that lacks some methods (``strict`` only), or rating files
+            whose keys are not aligned by position (after stripping a trailing ``_<n>`` and mapping ``rubik's_cube``
+            to ``magic_cube``).
     """
     root = Path(root)
     g1, g2 = root / _HUMAN_DIR / "group1", root / _HUMAN_DIR / "group2"
@@ -1042,6 +1160,7 @@ def load_dreambench_ratings(root: str | os.PathLike) -> DreamBenchRatings:
         paths[("human_1", m)], paths[("human_2", m)] = g1 / f"{m}-cp.json", g2 / f"{m}-cp.json"
         human_1[m], human_2[m] = _read_rating(g1 / f"{m}-cp.json"), _read_rating(g2 / f"{m}-cp.json")
     scorers: dict[str, dict[str, dict[str, float]]] = {}
+    skipped: dict[str, list[str]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _RATING_DIR.match(d.name)
         if not match or d.name == "data_human_rating":
@@ -1052,8 +1171,14 @@ def load_dreambench_ratings(root: str | os.PathLike) -> DreamBenchRatings:
             logger.info("skipping %s: no <method>.json for the methods %s", folder, methods)
             continue
         absent = [m for m in methods if m not in present]
+        if absent and strict:
+            raise ValueError(f"{folder} lacks ratings for method(s) {absent}; every scorer needs all {len(methods)} "
+                             "(without --strict the folder is skipped with a warning)")
         if absent:
-            raise ValueError(f"{folder} lacks ratings for method(s) {absent}; every scorer needs all {len(methods)}")
+            logger.warning("skipping scorer folder %s: it lacks ratings for method(s) %s of the %d human-rated "
+                           "methods (--strict makes this an error)", folder, absent, len(methods))
+            skipped[str(folder)] = absent
+            continue
         name = match.group(1)
         scorers[name] = {}
         for m in methods:
@@ -1066,7 +1191,7 @@ def load_dreambench_ratings(root: str | os.PathLike) -> DreamBenchRatings:
             missing[name] = {m: k for m, k in counts.items() if k}
     if missing:
         logger.warning("DreamBench++ ratings: null / NaN ratings left out of the correlations: %s", missing)
-    ratings = DreamBenchRatings(human_1, human_2, scorers, paths, missing)
+    ratings = DreamBenchRatings(human_1, human_2, scorers, paths, missing, skipped)
     for m in methods:
         names = ["human_1", "human_2"] + list(scorers)
         dicts = [human_1[m], human_2[m]] + [scorers[s][m] for s in scorers]
@@ -1086,6 +1211,7 @@ class DreamBenchResult:
         single: the caller asked for one category (JSON then drops the category level).
         missing_ratings: group or scorer -> method -> null / NaN ratings left out (see
             :attr:`DreamBenchRatings.missing`).
+        skipped_scorers: scorer folder -> methods it lacks (see :attr:`DreamBenchRatings.skipped`).
     """
 
     mh: dict[str, dict[str, float]]
@@ -1094,6 +1220,7 @@ class DreamBenchResult:
     categories: list[str]
     single: bool = False
     missing_ratings: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped_scorers: dict[str, list[str]] = field(default_factory=dict)
 
     def fisher_z_over_categories(self, values: Mapping[str, float]) -> float:
         return fisher_z_mean([values[c] for c in self.categories], _M_H_CLIP)
@@ -1101,24 +1228,28 @@ class DreamBenchResult:
     def to_json(self) -> dict[str, Any]:
         """``mh``: scorer -> value (one category) or -> {category: value, "all_fisher_z": value};
         ``human_human`` likewise; ``per_method``: scorer -> method -> value (or -> category -> method -> value);
-        ``missing_ratings``: group or scorer -> method -> null / NaN ratings (empty when none)."""
+        ``missing_ratings``: group or scorer -> method -> null / NaN ratings (empty when none);
+        ``skipped_scorers``: scorer folder -> methods it lacks (empty when none)."""
         missing = {k: dict(v) for k, v in self.missing_ratings.items()}
+        extra = {"missing_ratings": missing, "skipped_scorers": {k: list(v) for k, v in self.skipped_scorers.items()}}
         if self.single:
             c = self.categories[0]
             return {"mh": {s: v[c] for s, v in self.mh.items()}, "human_human": self.human_human[c],
-                    "per_method": {s: v[c] for s, v in self.per_method.items()}, "missing_ratings": missing}
+                    "per_method": {s: v[c] for s, v in self.per_method.items()}} | extra
 
         def with_all(values: Mapping[str, float]) -> dict[str, float]:
             return {**values, "all_fisher_z": self.fisher_z_over_categories(values)}
 
         return {"mh": {s: with_all(v) for s, v in self.mh.items()}, "human_human": with_all(self.human_human),
-                "per_method": self.per_method, "missing_ratings": missing}
+                "per_method": self.per_method} | extra
 
     def notes(self) -> list[str]:
-        """One line per rating folder with null / NaN ratings (empty when there are none)."""
-        return [f"{name}: missing ratings left out of the correlations: "
-                + ", ".join(f"{method} {k}" for method, k in counts.items())
-                for name, counts in self.missing_ratings.items()]
+        """One line per rating folder with null / NaN ratings and per skipped scorer folder (empty when none)."""
+        lines = [f"{name}: missing ratings left out of the correlations: "
+                 + ", ".join(f"{method} {k}" for method, k in counts.items())
+                 for name, counts in self.missing_ratings.items()]
+        return lines + [f"skipped {folder}: it lacks method(s) {', '.join(methods)} (--strict: an error)"
+                        for folder, methods in self.skipped_scorers.items()]
 
     def table(self, title: str = "DreamBench++ M-H") -> "Table":
         cols = list(self.categories) + ([] if self.single else ["all_fisher_z"])
@@ -1138,20 +1269,24 @@ class DreamBenchResult:
 
 
 def run_dreambench(
-    ratings: str | os.PathLike | DreamBenchRatings, categories: Sequence[str] | None = None
+    ratings: str | os.PathLike | DreamBenchRatings, categories: Sequence[str] | None = None, strict: bool = False
 ) -> DreamBenchResult:
     """DreamBench++ M-H for every scorer of a ratings folder.
 
     Args:
         ratings: folder (see :func:`load_dreambench_ratings`) or loaded ratings.
         categories: subset of :data:`M_H_CATEGORIES`; None = all four, skipping categories the human files lack.
+        strict: when reading a folder, a scorer folder lacking some method is an error instead of being skipped
+            with a warning.
 
     Raises:
         ValueError: an unknown or empty requested category, no scorer, or misaligned rating files.
     """
-    data = ratings if isinstance(ratings, DreamBenchRatings) else load_dreambench_ratings(ratings)
+    data = ratings if isinstance(ratings, DreamBenchRatings) else load_dreambench_ratings(ratings, strict)
     if not data.scorers:
-        raise ValueError("no data_<scorer>_rating folder with ratings for the human-rated methods")
+        skipped = f"; skipped for lacking methods: {sorted(data.skipped)}" if data.skipped else ""
+        raise ValueError(f"no data_<scorer>_rating folder with ratings for all the human-rated methods {data.methods}"
+                         f"{skipped}")
     single = categories is not None and len(categories) == 1
     if categories is None:
         first = data.human_1[data.methods[0]]
@@ -1173,7 +1308,7 @@ def run_dreambench(
         for s, metric in data.scorers.items():
             per_method[s][c] = m_h_per_method(data.human_1, data.human_2, metric, category=c)
             mh[s][c] = fisher_z_mean(list(per_method[s][c].values()), _M_H_CLIP)
-    return DreamBenchResult(mh, human_human, per_method, list(categories), single, data.missing)
+    return DreamBenchResult(mh, human_human, per_method, list(categories), single, data.missing, data.skipped)
 
 
 def _list_images(root: Path) -> dict[str, Path]:
