@@ -7,6 +7,8 @@ frozen SigLIP vs CLIP) are not on a common scale: compare rankings, not raw valu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -37,6 +39,9 @@ from .preprocessing import (
 
 logger = logging.getLogger(__name__)
 
+#: Vision-config fields that change the embeddings (the others are paths, dtypes and bookkeeping), for `fingerprint`.
+_FINGERPRINT_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "image_size", "patch_size", "num_channels", "hidden_act", "layer_norm_eps")
 
 
 class DeviceError(ValueError):
@@ -370,23 +375,88 @@ class NearIDScorer:
         Returns:
             Tensor [N, H, W] (float32, CPU) when all maps share a size, otherwise a list of [H, W] tensors.
         """
-        vision = self.model.config.vision_config
-        grid_h = grid_w = vision.image_size // vision.patch_size
-        covered = grid_h * vision.patch_size / vision.image_size  # the conv never sees the last rows/columns
         maps = []
         with torch.no_grad():
             for batch in self._batches(images, 16, None, "attention", layout):
                 with autocast_for(self.device, self.dtype):
                     tokens = self.model.encode_tokens(self._model_input(batch))
-                    _, attn = self.model.pool(tokens, output_attentions=True)
-                grids = attn.float().reshape(-1, 1, grid_h, grid_w).cpu()
-                for image, grid in zip(batch, grids):
-                    h, w = size or tuple(image.shape[-2:])
-                    inner = (max(1, round(h * covered)), max(1, round(w * covered)))
-                    up = F.interpolate(grid[None], size=inner, mode="bilinear", align_corners=False)
-                    up = F.pad(up, (0, w - inner[1], 0, h - inner[0]), mode="replicate")[0, 0]
-                    lo, hi = up.min(), up.max()
-                    maps.append((up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up))
+                grids = self._attention_grids(tokens)
+                sizes = [size or tuple(image.shape[-2:]) for image in batch]
+                maps += list(self.attention_to_maps(grids, sizes))
         if maps and all(m.shape == maps[0].shape for m in maps):
             return torch.stack(maps)
         return maps
+
+    def _attention_grids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, C] -> the probe's attention over the patch grid, float32 [B, gh, gw] on the CPU."""
+        vision = self.model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        with autocast_for(self.device, self.dtype):
+            _, attn = self.model.pool(tokens, output_attentions=True)
+        return attn.float().reshape(-1, grid, grid).cpu()
+
+    def embed_and_attend(self, images: Images, batch_size: int = 16,
+                         layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and MAP-head attention from one trunk pass per image (the trunk is most of the cost), no grad.
+
+        Returns:
+            (L2-normalised embeddings [N, D] float32 on the scorer's device, equal to `embed(images)`;
+            attention grids [N, gh, gw] float32 on the CPU, the probe's attention over the patches averaged over
+            heads: `attention_to_maps` turns them into the maps `attention_maps` returns).
+        """
+        vision = self.model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        embeddings, grids = [], []
+        with torch.no_grad():
+            for batch in self._batches(images, batch_size, False, "embed", layout):
+                with autocast_for(self.device, self.dtype):
+                    tokens = self.model.encode_tokens(self._model_input(batch))
+                    embeddings.append(self.model.head(tokens).float())  # = get_image_features: trunk, then head
+                grids.append(self._attention_grids(tokens))
+        if not embeddings:
+            return torch.empty(0, self.embed_dim, device=self.device), torch.empty(0, grid, grid)
+        return F.normalize(torch.cat(embeddings), dim=-1), torch.cat(grids)
+
+    def attention_to_maps(self, grids: torch.Tensor,
+                          sizes: Sequence[tuple[int, int]]) -> torch.Tensor | list[torch.Tensor]:
+        """Attention grids [N, gh, gw] (from `embed_and_attend`) -> maps upsampled to `sizes[i]` = (H, W), scaled to
+        0..1 per image, as `attention_maps` returns them (a Tensor [N, H, W] when all sizes agree, else a list)."""
+        vision = self.model.config.vision_config
+        covered = grids.shape[-1] * vision.patch_size / vision.image_size  # the conv never sees the last rows/columns
+        maps = []
+        for grid, (h, w) in zip(grids.float().cpu(), sizes):
+            inner = (max(1, round(h * covered)), max(1, round(w * covered)))
+            up = F.interpolate(grid[None, None], size=inner, mode="bilinear", align_corners=False)
+            up = F.pad(up, (0, w - inner[1], 0, h - inner[0]), mode="replicate")[0, 0]
+            lo, hi = up.min(), up.max()
+            maps.append((up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up))
+        if maps and all(m.shape == maps[0].shape for m in maps):
+            return torch.stack(maps)
+        return maps
+
+    def fingerprint(self) -> str:
+        """A short content identity (16 hex digits) of what makes the embeddings: architecture, preprocessing and
+        weights, so embeddings are comparable exactly when fingerprints match.
+
+        Equal for the same checkpoint however it was reached (path, symlink, copy, hub id) and in whatever dtype or on
+        whatever device it runs (weights are hashed rounded to bf16; precisions differ by ~1e-3 in score). Weights
+        are sampled, not read whole: up to 256 evenly spaced values of every tensor, with its name and shape, which
+        tells fine-tunes of one architecture apart.
+        """
+        vision = self.model.config.vision_config
+        described = {
+            "vision": {k: getattr(vision, k, None) for k in _FINGERPRINT_VISION_FIELDS},
+            "normalize_embeddings": getattr(self.model.config, "normalize_embeddings", None),
+            "preprocess": self.preprocess_config.to_dict(),
+        }
+        digest = hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=8)
+        with torch.no_grad():
+            for name, tensor in sorted(self.model.state_dict().items()):
+                flat = tensor.detach().reshape(-1)
+                if flat.numel():
+                    index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 256), device=flat.device).long()
+                    flat = flat[index]
+                flat = flat.to(torch.bfloat16) if flat.is_floating_point() else flat.to(torch.int64)
+                digest.update(f"{name}{tuple(tensor.shape)}".encode())
+                digest.update(flat.cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()

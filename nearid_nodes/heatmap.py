@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_env
+from . import comfy_env, trunk_cache
 from .loader import NearIDModelHandle
 from .scoring import _require_finite
 
@@ -63,17 +63,9 @@ class NearIDAttentionHeatmap:
             raise ValueError(f"NearID: colormap must be one of {tuple(COLORMAPS)}, got {colormap!r}.")
         _require_finite(images, "images")
         n, h, w = (int(s) for s in images.shape[:3])
-        scorer = nearid_model.ready()
-        size = max(1, int(nearid_model.batch_size))
-        pbar = comfy_env.progress_bar(n)
-        maps = []
-        for start in range(0, n, size):
-            comfy_env.check_interrupt()
-            chunk = images[start:start + size]
-            out = scorer.attention_maps(chunk, size=(h, w), layout="channels_last")
-            maps.append(out if isinstance(out, torch.Tensor) else torch.stack(out))
-            pbar.update(int(chunk.shape[0]))
-        attention = torch.cat(maps).float().cpu() if maps else torch.zeros((0, h, w))
+        _, grids = trunk_cache.encode(nearid_model, images, comfy_env.progress_bar(n))  # shared with the scoring nodes
+        maps = nearid_model.scorer.attention_to_maps(grids, [(h, w)] * n)
+        attention = maps.float().cpu() if n else torch.zeros((0, h, w))
         rgb = images[..., :3] if images.shape[-1] >= 3 else images[..., :1].expand(-1, -1, -1, 3)
         colors = colorize(attention, colormap).to(images.device)
         overlay = (rgb.float() * (1 - float(opacity)) + colors * float(opacity)).clamp(0, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from nearid_core import DEFAULT_MODEL, CheckpointNotFoundError, NearIDScorer
 
 from . import comfy_env
+from .trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +27,49 @@ EXPECTED_FILES = (
 )
 
 
+def short_name(source: str) -> str:
+    """A short name for the UI: an absolute path as its last component, a hub id or dropdown entry as it is; without
+    a `.safetensors` suffix."""
+    text = str(source).rstrip("/\\") or str(source)
+    if os.path.isabs(os.path.expanduser(text)):
+        text = os.path.basename(text) or text
+    return text[: -len(".safetensors")] if text.lower().endswith(".safetensors") else text
+
+
 @dataclass(eq=False)
 class NearIDModelHandle:
     """What flows through a NEARID_MODEL socket: the core scorer, plus ComfyUI's handle on its weights.
 
     Attributes:
         scorer: the `nearid_core.NearIDScorer`; call `ready()` before using it.
-        name: where the weights came from (hub id or absolute path); embeddings remember it.
+        name: where the weights came from (hub id or absolute path), for logs.
         batch_size: images per forward pass.
         patcher: ComfyUI ModelPatcher managing the weights (None outside ComfyUI or on device "cpu").
+        fingerprint: content identity of the weights and preprocessing (`NearIDScorer.fingerprint`, computed when not
+            given); embeddings remember it, so the same weights reached by another path or a symlink still match.
+        display_name: short name for the UI (default: from `name`).
+        cache: per-image trunk results shared by every node this handle feeds (`trunk_cache`).
     """
 
     scorer: NearIDScorer
     name: str
     batch_size: int = 16
     patcher: Any = None
+    fingerprint: str = ""
+    display_name: str = ""
+    cache: TrunkCache = field(default_factory=TrunkCache, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            with torch.inference_mode():
+                self.fingerprint = self.scorer.fingerprint()
+        if not self.display_name:
+            self.display_name = short_name(self.name)
+
+    @property
+    def label(self) -> str:
+        """`display name [fingerprint prefix]`, as the UI shows the model."""
+        return f"{self.display_name} [{self.fingerprint[:8]}]"
 
     def ready(self) -> NearIDScorer:
         """Load the weights onto the compute device through ComfyUI (which may evict other models, or this one
@@ -49,7 +78,7 @@ class NearIDModelHandle:
         return self.scorer.to(device)
 
     def __repr__(self) -> str:
-        return f"NearIDModelHandle({self.name!r}, {self.scorer!r})"
+        return f"NearIDModelHandle({self.label!r}, {self.scorer!r})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,5 +280,8 @@ class NearIDModelLoader:
         except CheckpointNotFoundError as err:
             raise CheckpointNotFoundError(f"{err}\nLocal NearID folders searched:\n{_searched()}") from err
         patcher = comfy_env.make_patcher(scorer.model, load, offload) if device == "auto" else None
-        logger.info("NearID: loaded %s (%s, dtype %s, compute device %s)", source, model, scorer.dtype, load)
-        return (NearIDModelHandle(scorer=scorer, name=str(source), batch_size=int(batch_size), patcher=patcher),)
+        shown = str(hub_id or "").strip() or (model[len(HUB_PREFIX):] if model.startswith(HUB_PREFIX) else model)
+        handle = NearIDModelHandle(scorer=scorer, name=str(source), batch_size=int(batch_size), patcher=patcher,
+                                   display_name=short_name(shown))
+        logger.info("NearID: loaded %s as %s (dtype %s, compute device %s)", source, handle.label, scorer.dtype, load)
+        return (handle,)

@@ -16,13 +16,16 @@ import torch
 
 from nearid_core import to_percent
 
-from . import comfy_env
+from . import comfy_env, trunk_cache
 from .loader import NearIDModelHandle
 
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "min", "max", "centroid")
-ON_EMPTY = ("skip downstream", "empty batch")
+ON_EMPTY = ("skip downstream",)
+#: Retired on_empty values still found in saved workflows -> what they now do. "empty batch" passed a [0, H, W, 3]
+#: IMAGE, on which ComfyUI's Save Image / Preview Image raise IndexError (they read images[0]), failing the prompt.
+LEGACY_ON_EMPTY = {"empty batch": "skip downstream"}
 SCORE_NOTE = (
     "score = 100 x cosine of NearID embeddings (cosine in [-1, 1]; higher = more likely the same object instance)"
 )
@@ -51,11 +54,14 @@ class NearIDEmbedding:
 
     Attributes:
         vectors: [N, D] float32 on the CPU, L2-normalised.
-        model_name: the checkpoint that produced them (embeddings of different models are not comparable).
+        model_name: short name of the model that produced them, for messages.
+        model_id: that model's content fingerprint (`NearIDModelHandle.fingerprint`): embeddings are comparable with a
+            model's exactly when the fingerprints match, whatever path the weights were loaded from.
     """
 
     vectors: torch.Tensor
     model_name: str
+    model_id: str = ""
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -84,27 +90,19 @@ def _require_finite(images: torch.Tensor, role: str) -> None:
 
 
 def _embed(handle: NearIDModelHandle, images: torch.Tensor, pbar) -> torch.Tensor:
-    """[B, H, W, C] -> [B, D] on the scorer's device, in chunks of the loader's batch size (progress + Cancel)."""
-    scorer = handle.scorer
-    size = max(1, int(handle.batch_size))
-    out = []
-    for start in range(0, images.shape[0], size):
-        comfy_env.check_interrupt()
-        chunk = images[start:start + size]
-        out.append(scorer.embed(chunk, batch_size=size, progress=False, layout="channels_last"))
-        pbar.update(int(chunk.shape[0]))
-    if not out:
-        return torch.empty(0, scorer.embed_dim, device=scorer.device)
-    return torch.cat(out)
+    """[B, H, W, C] -> [B, D] float32 on the CPU; images the handle has seen before are not run again (progress +
+    Cancel per chunk of the loader's batch size)."""
+    return trunk_cache.encode(handle, images, pbar)[0]
 
 
 def _check_embedding(embedding: NearIDEmbedding, handle: NearIDModelHandle) -> None:
     if not isinstance(embedding, NearIDEmbedding):
         raise ValueError(f"NearID: expected a NEARID_EMBEDDING from NearID Embed, got {type(embedding).__name__}.")
-    if embedding.model_name != handle.name:
+    if embedding.model_id != handle.fingerprint:
         raise ValueError(
-            f"NearID: the embedding was computed with {embedding.model_name!r} but this node uses {handle.name!r}; "
-            "embeddings of different models are not comparable. Use the same NearID Model Loader for both."
+            f"NearID: the embedding was computed with {embedding.model_name!r} [{embedding.model_id[:8] or '?'}] but "
+            f"this node uses {handle.label}: different weights, so the embeddings are not comparable. Use the same "
+            "NearID model for both."
         )
 
 
@@ -115,7 +113,7 @@ def _references(
     parts = []
     if reference_embedding is not None:
         _check_embedding(reference_embedding, handle)
-        parts.append(reference_embedding.vectors.to(handle.scorer.device))
+        parts.append(reference_embedding.vectors.float().cpu())
     if reference_images is not None:
         _require_finite(reference_images, "reference_images")
         parts.append(_embed(handle, reference_images, pbar))
@@ -141,12 +139,11 @@ def _scores(
     valid = torch.ones(images.shape[0], dtype=torch.bool) if valid is None else valid
     n_ref_images = 0 if reference_images is None else int(reference_images.shape[0])
     pbar = comfy_env.progress_bar(n_ref_images + int(valid.sum()))
-    scorer = handle.ready()
     refs = _references(handle, reference_images, reference_embedding, pbar)
     scores = torch.full((images.shape[0],), float("nan"))
     if valid.any():
         candidates = _embed(handle, images[valid.to(images.device)], pbar)
-        scores[valid] = scorer.score(refs, candidates, reduce=reduce).float().cpu()
+        scores[valid] = handle.scorer.score(refs, candidates, reduce=reduce).float().cpu()
     return scores, int(refs.shape[0])
 
 
@@ -219,10 +216,10 @@ class NearIDEmbed:
         if embedding is not None:
             _check_embedding(embedding, nearid_model)
             parts.append(embedding.vectors)
-        nearid_model.ready()
-        parts.append(_embed(nearid_model, images, comfy_env.progress_bar(int(images.shape[0]))).float().cpu())
-        out = NearIDEmbedding(vectors=torch.cat(parts), model_name=nearid_model.name)
-        text = f"{len(out)} NearID embedding(s) of dimension {out.vectors.shape[1]} ({nearid_model.name})"
+        parts.append(_embed(nearid_model, images, comfy_env.progress_bar(int(images.shape[0]))))
+        out = NearIDEmbedding(vectors=torch.cat(parts), model_name=nearid_model.display_name,
+                              model_id=nearid_model.fingerprint)
+        text = f"{len(out)} NearID embedding(s) of dimension {out.vectors.shape[1]} ({nearid_model.label})"
         return _result(text, out)
 
 
@@ -368,9 +365,9 @@ class NearIDThresholdFilter:
     DESCRIPTION = (
         "Splits a batch by NearID identity score (cosine in [-1, 1] to the references; the table shows 100 x cosine): "
         "images with cosine >= threshold are accepted, the rest rejected, both in batch order. Never fails when "
-        "nothing passes: an empty side is an empty IMAGE batch [0, H, W, 3], or with on_empty = 'skip downstream' "
-        "(default) the nodes fed by that side are skipped, since Save/Preview Image fail on an empty batch. "
-        "Images containing NaN/inf pixels are rejected (score NaN, 'invalid' in the table) instead of stopping the run."
+        "nothing passes: the nodes fed by an empty side (e.g. its Save Image) are skipped and the rest of the "
+        "prompt runs; the counts say 0. Images containing NaN/inf pixels are rejected (score NaN, 'invalid' in the "
+        "table) instead of stopping the run."
     )
     CATEGORY = "NearID/scoring"
     FUNCTION = "split"
@@ -378,8 +375,8 @@ class NearIDThresholdFilter:
     RETURN_NAMES = ("accepted", "rejected", "accepted_count", "rejected_count", "scores", "table")
     OUTPUT_IS_LIST = (False, False, False, False, True, False)
     OUTPUT_TOOLTIPS = (
-        "Images with cosine >= threshold, in batch order; when none: see on_empty.",
-        "The other images (including invalid ones), in batch order; when none: see on_empty.",
+        "Images with cosine >= threshold, in batch order; when none, the nodes it feeds are skipped.",
+        "The other images (including invalid ones), in batch order; when none, the nodes it feeds are skipped.",
         "Number of accepted images.",
         "Number of rejected images.",
         "Cosine per input image in batch order (NaN for images with NaN/inf pixels).",
@@ -400,16 +397,30 @@ class NearIDThresholdFilter:
                 "reduce": _REDUCE_INPUT,
                 "on_empty": (list(ON_EMPTY), {
                     "default": ON_EMPTY[0],
-                    "tooltip": "When a side has no images: 'skip downstream' silently skips the nodes it feeds (Save "
-                               "Image fails on an empty batch); 'empty batch' passes an IMAGE of shape [0, H, W, 3].",
+                    "tooltip": "When a side has no images, the nodes it feeds are skipped silently and the prompt "
+                               "completes (ComfyUI's Save / Preview Image fail on an empty batch). Saved workflows "
+                               "with the retired 'empty batch' run this way too.",
                 }),
             },
             "optional": dict(_REFERENCE_INPUTS),
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, on_empty: str | None = None) -> bool | str:
+        """Accept the retired on_empty values of saved workflows (ComfyUI then skips its own dropdown check)."""
+        if on_empty is None or on_empty in ON_EMPTY or on_empty in LEGACY_ON_EMPTY:
+            return True
+        return f"on_empty must be one of {list(ON_EMPTY)}, got {on_empty!r}."
+
     @torch.inference_mode()
     def split(self, nearid_model, images, threshold=0.5, reduce="mean", on_empty=ON_EMPTY[0], reference_images=None,
               reference_embedding=None):
+        note = ""
+        if on_empty in LEGACY_ON_EMPTY:
+            note = (f"on_empty {on_empty!r} is retired (Save / Preview Image fail on an empty batch): "
+                    f"running as {LEGACY_ON_EMPTY[on_empty]!r}")
+            logger.warning("NearID Threshold Filter: %s.", note)
+            on_empty = LEGACY_ON_EMPTY[on_empty]
         if on_empty not in ON_EMPTY:
             raise ValueError(f"NearID: on_empty must be one of {ON_EMPTY}, got {on_empty!r}.")
         valid = _finite_rows(images, "images")
@@ -425,8 +436,8 @@ class NearIDThresholdFilter:
         title = (f"NearID threshold {float(threshold):.4f} (score {float(threshold) * 100:.2f}): "
                  f"{n_acc} accepted, {len(values) - n_acc} rejected")
         table = score_table(values, list(range(len(values))), n_refs, reduce, title, verdicts)
+        table += f"\n{note}" if note else ""
         mask = accepted.to(images.device)
         sides = [images[mask], images[~mask]]
-        if on_empty == "skip downstream":
-            sides = [side if side.shape[0] else comfy_env.skip_downstream(side) for side in sides]
+        sides = [side if side.shape[0] else comfy_env.skip_downstream(side) for side in sides]
         return _result(table, *sides, n_acc, len(values) - n_acc, values, table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -14,15 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_PREPROCESS, tiny_nearid_model
 
 import nearid_nodes
 from nearid_core import NearIDScorer
-from nearid_nodes import comfy_env
+from nearid_nodes import comfy_env, trunk_cache
 from nearid_nodes.heatmap import NearIDAttentionHeatmap
 from nearid_nodes.loader import (
     DEFAULT_CHOICE, ModelPathError, NearIDModelHandle, NearIDModelLoader, is_hub_id, model_choices, resolve_model,
+    short_name,
 )
-from nearid_nodes.scoring import NearIDBestOfN, NearIDEmbed, NearIDEmbedding, NearIDScore, NearIDThresholdFilter
+from nearid_nodes.scoring import (
+    LEGACY_ON_EMPTY, ON_EMPTY, NearIDBestOfN, NearIDEmbed, NearIDEmbedding, NearIDScore, NearIDThresholdFilter,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 40, 48  # candidate size; references use other sizes
@@ -135,12 +140,17 @@ def fake_comfy(monkeypatch, tmp_path) -> FakeComfy:
     return fake
 
 
+def load_handle(path: Path, dtype: str = "float32", batch_size: int = 3) -> NearIDModelHandle:
+    """A handle as the loader makes it, from any path (as if the server owner allowed paths outside the folders)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")
+        (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", dtype, batch_size, hub_id=str(path))
+    return out
+
+
 @pytest.fixture(scope="module")
 def handle(release_dir) -> NearIDModelHandle:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")  # release_dir lies outside every model folder
-        (out,) = NearIDModelLoader().load(DEFAULT_CHOICE, "cpu", "float32", 3, hub_id=str(release_dir))
-    return out
+    return load_handle(release_dir)  # release_dir lies outside every model folder
 
 
 @pytest.fixture(scope="module")
@@ -496,10 +506,12 @@ def test_score_errors(handle, release_dir):
         NearIDScore().score(handle, images(1), reference_images=nan)
     with pytest.raises(ValueError, match="IMAGE tensor"):
         NearIDScore().score(handle, torch.rand(3, H, W), reference_images=images(1))
-    other = NearIDModelHandle(scorer=handle.scorer, name="another/model")
+    other = NearIDModelHandle(scorer=NearIDScorer(tiny_nearid_model(2), TINY_PREPROCESS, "cpu", torch.float32),
+                              name="/models/nearid/other-head")
     (emb,) = result(NearIDEmbed().embed(other, images(1)))
-    with pytest.raises(ValueError, match="not comparable"):
+    with pytest.raises(ValueError, match="not comparable") as err:
         NearIDScore().score(handle, images(1), reference_embedding=emb)
+    assert "'other-head'" in str(err.value) and "/models" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -589,17 +601,39 @@ def test_threshold_with_nothing_accepted_returns_empty_batch(handle):
     assert acc.shape == rej.shape == (0, H, W, 3) and (n_acc, n_rej) == (0, 0) and scores == []
 
 
-def test_threshold_skips_downstream_of_an_empty_side_in_comfyui(handle, fake_comfy):
+def save_image(images) -> str:
+    """What ComfyUI's SaveImage / PreviewImage (nodes.py, 0.3.64) do with their input: an ExecutionBlocker input skips
+    the node (execution.py); otherwise they read images[0] for the size, which raises IndexError on an empty batch."""
+    if isinstance(images, ExecutionBlocker):
+        return "skipped" if images.message is None else "error dialog"
+    images[0].shape
+    return f"saved {images.shape[0]}"
+
+
+@pytest.mark.parametrize("on_empty", [*ON_EMPTY, *LEGACY_ON_EMPTY])
+def test_threshold_skips_downstream_of_an_empty_side_in_comfyui(handle, fake_comfy, on_empty, caplog):
+    """Every on_empty value, current or from a saved workflow, leaves a prompt that Save Image cannot fail."""
     cands, refs = images(2), images(1, seed=1)
-    acc, rej, n_acc, n_rej, _, _ = result(NearIDThresholdFilter().split(handle, cands, 1.0, reference_images=refs))
+    acc, rej, n_acc, n_rej, _, table = result(
+        NearIDThresholdFilter().split(handle, cands, 1.0, on_empty=on_empty, reference_images=refs))
     assert isinstance(acc, ExecutionBlocker) and acc.message is None  # ComfyUI silently skips Save Image there
     assert torch.equal(rej, cands) and (n_acc, n_rej) == (0, 2)
-    acc, rej, *_ = result(NearIDThresholdFilter().split(handle, cands, -1.0, reference_images=refs))
+    assert (save_image(acc), save_image(rej)) == ("skipped", "saved 2")
+    acc, rej, *_ = result(NearIDThresholdFilter().split(handle, cands, -1.0, on_empty=on_empty, reference_images=refs))
     assert torch.equal(acc, cands) and isinstance(rej, ExecutionBlocker)
-    acc, *_ = result(NearIDThresholdFilter().split(handle, cands, 1.0, on_empty="empty batch", reference_images=refs))
-    assert acc.shape == (0, H, W, 3)
+    assert (save_image(acc), save_image(rej)) == ("saved 2", "skipped")
+    retired = on_empty in LEGACY_ON_EMPTY
+    assert ("retired" in table) == retired and ("retired" in caplog.text) == retired
+    assert NearIDThresholdFilter.VALIDATE_INPUTS(on_empty=on_empty) is True
+
+
+def test_threshold_refuses_unknown_on_empty(handle):
+    assert NearIDThresholdFilter.VALIDATE_INPUTS(on_empty=None) is True  # linked input: checked when it runs
+    assert "skip downstream" in NearIDThresholdFilter.VALIDATE_INPUTS(on_empty="drop")
     with pytest.raises(ValueError, match="on_empty"):
-        NearIDThresholdFilter().split(handle, cands, 1.0, on_empty="drop", reference_images=refs)
+        NearIDThresholdFilter().split(handle, images(2), 1.0, on_empty="drop", reference_images=images(1, seed=1))
+    with pytest.raises(IndexError):  # why "empty batch" was retired
+        save_image(images(0))
 
 
 def test_threshold_rejects_images_with_nan_instead_of_raising(handle):
@@ -648,15 +682,223 @@ def test_heatmap_empty_single_and_nan(handle):
 
 
 def test_progress_counts_every_embedded_image(handle, fake_comfy):
+    handle.cache.clear()
     result(NearIDScore().score(handle, images(7), reference_images=images(2, seed=1)))  # batch_size 3
     total, updates = fake_comfy.progress[-1]
     assert total == 9 and sum(updates) == 9 and updates == [2, 3, 3, 1]
-    NearIDAttentionHeatmap().heatmap(handle, images(4), 0.5, "inferno")
+    NearIDAttentionHeatmap().heatmap(handle, images(4, seed=5), 0.5, "inferno")
     assert fake_comfy.progress[-1] == (4, [3, 1])
+    NearIDAttentionHeatmap().heatmap(handle, images(5), 0.5, "inferno")  # all 5 seen by the Score node: done at once
+    assert fake_comfy.progress[-1] == (5, [5])
 
 
 def test_cancel_stops_between_batches(handle, fake_comfy):
+    handle.cache.clear()
     fake_comfy.interrupt_after = 1
     with pytest.raises(Interrupted):
         NearIDScore().score(handle, images(7), reference_images=images(1, seed=1))
     assert fake_comfy.progress[-1][1] == [1]  # references done, candidates interrupted before the first batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One trunk pass per image per prompt (trunk_cache)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TrunkCounter:
+    """Counts images through the SigLIP trunk: its patch embedding runs once per image in every trunk pass (embed,
+    score and attention paths alike)."""
+
+    def __init__(self, scorer: NearIDScorer) -> None:
+        self.images = 0
+        self._hook = scorer.model._tower.embeddings.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.images += int(output.shape[0])
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def load_api(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def shared_model_prompt() -> dict:
+    """score_and_rank.json plus threshold_split.json on the same model loader: one model feeding Embed, Score,
+    Best-of-N, Heatmap and Threshold nodes in one prompt (threshold_split's node ids get a 't' prefix)."""
+    prompt = load_api("score_and_rank")
+    loader = next(k for k, n in prompt.items() if n["class_type"] == "NearIDModelLoader")
+    split = load_api("threshold_split")
+    split_loader = next(k for k, n in split.items() if n["class_type"] == "NearIDModelLoader")
+    renamed = {k: loader if k == split_loader else f"t{k}" for k in split}
+    for k, node in split.items():
+        if k != split_loader:
+            inputs = {name: [renamed[v[0]], v[1]] if isinstance(v, list) else v for name, v in node["inputs"].items()}
+            prompt[renamed[k]] = dict(node, inputs=inputs)
+    return prompt
+
+
+def run_prompt(prompt: dict, handle: NearIDModelHandle) -> dict[str, tuple]:
+    """Execute an API-format prompt as ComfyUI would (each node once, inputs first), with `handle` as every loader's
+    output, a synthetic picture per LoadImage file name, and `save_image` for the core output nodes."""
+    names = sorted({n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"})
+    pictures = {name: images(1, seed=100 + i) for i, name in enumerate(names)}
+    outputs: dict[str, tuple] = {}
+
+    def run(node_id: str) -> tuple:
+        if node_id not in outputs:
+            node = prompt[node_id]
+            inputs = {k: run(v[0])[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            kind = node["class_type"]
+            if any(isinstance(v, ExecutionBlocker) for v in inputs.values()):
+                out = (ExecutionBlocker(None),) * 8  # ComfyUI skips the node and blocks its users
+            elif kind == "NearIDModelLoader":
+                out = (handle,)
+            elif kind == "LoadImage":
+                out = (pictures[inputs["image"]], torch.zeros(1, H, W))
+            elif kind == "ImageBatch":
+                out = (torch.cat([inputs["image1"], inputs["image2"]]),)
+            elif kind in ("SaveImage", "PreviewImage"):
+                out = (save_image(inputs["images"]),)
+            elif kind == "PreviewAny":
+                out = (inputs["source"],)
+            else:
+                cls = nearid_nodes.NODE_CLASS_MAPPINGS[kind]
+                raw = getattr(cls(), cls.FUNCTION)(**inputs)
+                out = raw["result"] if isinstance(raw, dict) else raw
+            outputs[node_id] = out
+        return outputs[node_id]
+
+    for node_id in prompt:
+        run(node_id)
+    return outputs
+
+
+def test_each_image_passes_the_trunk_once_across_the_four_nodes(release_dir, fake_comfy):
+    prompt = shared_model_prompt()
+    kinds = {n["class_type"] for n in prompt.values()}
+    assert {"NearIDEmbed", "NearIDScore", "NearIDBestOfN", "NearIDAttentionHeatmap", "NearIDThresholdFilter"} <= kinds
+
+    uncached = load_handle(release_dir)
+    uncached.cache.max_bytes = 0  # nothing is kept: every node runs the trunk itself, as before the cache
+    counter = TrunkCounter(uncached.scorer)
+    before = run_prompt(prompt, uncached)
+    counter.close()
+    # Embed 1 + Embed 1 + Score 3 + Best-of-N 3 + Heatmap 3 (score_and_rank) + Embed 1 + Threshold 3 (threshold_split)
+    assert counter.images == 15
+
+    cached = load_handle(release_dir)
+    counter = TrunkCounter(cached.scorer)
+    after = run_prompt(prompt, cached)
+    assert counter.images == 6  # 3 distinct references + 3 candidates, once each
+    again = run_prompt(prompt, cached)  # the next prompt: same pixels (new tensors), nothing runs the trunk
+    assert counter.images == 6 and cached.cache.hits > 0
+    counter.close()
+    for outputs in (after, again):
+        for node_id, out in before.items():
+            for value, expected in zip(out, outputs[node_id]):
+                if isinstance(expected, torch.Tensor):
+                    torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
+                elif isinstance(expected, list) and expected and isinstance(expected[0], float):
+                    assert value == pytest.approx(expected, abs=1e-6)
+                elif not isinstance(expected, (NearIDModelHandle, NearIDEmbedding, ExecutionBlocker, dict)):
+                    assert value == expected, node_id
+
+
+def test_cache_tells_images_apart_and_never_hands_out_its_own_tensors(release_dir):
+    handle = load_handle(release_dir)
+    pbar = comfy_env.progress_bar(0)
+    batch = images(3)
+    emb, grids = trunk_cache.encode(handle, batch, pbar)
+    counter = TrunkCounter(handle.scorer)
+    changed = batch.clone()
+    changed[1, 0, 0, 0] += 1 / 255  # one pixel level
+    emb2, _ = trunk_cache.encode(handle, changed, pbar)
+    assert counter.images == 1 and torch.equal(emb2[[0, 2]], emb[[0, 2]]) and not torch.equal(emb2[1], emb[1])
+    emb3, _ = trunk_cache.encode(handle, batch[:2].half().float(), pbar)  # other values after a round trip
+    assert counter.images == 3
+    trunk_cache.encode(handle, batch[:1].double(), pbar)  # same values, other dtype: another key
+    assert counter.images == 4
+    twice, _ = trunk_cache.encode(handle, torch.cat([images(1, seed=9)] * 3), pbar)  # duplicates in one batch
+    assert counter.images == 5 and torch.equal(twice[0], twice[2])
+    emb.zero_()
+    grids.zero_()  # what a caller does with its outputs does not reach the cache
+    again, grids2 = trunk_cache.encode(handle, batch, pbar)
+    assert counter.images == 5 and again.norm(dim=-1).min() > 0.99 and grids2.abs().sum() > 0
+    counter.close()
+    with torch.inference_mode():
+        torch.testing.assert_close(again, handle.scorer.embed(batch, layout="channels_last").cpu(), atol=1e-5, rtol=0)
+
+
+def test_cache_is_bounded_by_bytes_least_recently_used_first():
+    cache = trunk_cache.TrunkCache(max_bytes=3 * (8 + 4) * 4)  # three entries of 8 + 4 floats
+    for i in range(5):
+        cache.put(("m", i), torch.full((8,), float(i)), torch.zeros(2, 2))
+        if i == 2:
+            assert cache.get(("m", 0)) is not None  # touching 0 makes 1 the oldest
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.get(("m", 1)) is None and cache.get(("m", 2)) is None
+    assert cache.get(("m", 0))[0][0] == 0 and cache.get(("m", 4))[0][0] == 4
+    cache.put(("m", "huge"), torch.zeros(1000), torch.zeros(1))  # larger than the whole budget: not kept
+    assert cache.get(("m", "huge")) is None and cache.nbytes <= cache.max_bytes
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_core_embed_and_attend_equals_embed_and_attention_maps(scorer):
+    imgs = images(4, 37, 53)
+    with torch.inference_mode():
+        emb, grids = scorer.embed_and_attend(imgs, batch_size=3, layout="channels_last")
+        torch.testing.assert_close(emb, scorer.embed(imgs, layout="channels_last"), atol=1e-6, rtol=0)
+        maps = scorer.attention_to_maps(grids, [(37, 53)] * 4)
+        torch.testing.assert_close(maps, scorer.attention_maps(imgs, size=(37, 53), layout="channels_last"))
+        mixed = scorer.attention_to_maps(grids[:2], [(20, 30), (37, 53)])
+        assert [tuple(m.shape) for m in mixed] == [(20, 30), (37, 53)]
+        empty_emb, empty_grids = scorer.embed_and_attend([])
+    assert emb.shape == (4, scorer.embed_dim) and grids.shape == (4, 4, 4) and grids.device.type == "cpu"
+    assert empty_emb.shape == (0, scorer.embed_dim) and empty_grids.shape == (0, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model identity by content
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_follows_the_weights_not_the_path(release_dir, tmp_path, handle):
+    link = tmp_path / "linked-nearid"
+    link.symlink_to(release_dir, target_is_directory=True)
+    copy = tmp_path / "copied"
+    shutil.copytree(release_dir, copy)
+    via_link, via_copy, in_bf16 = load_handle(link), load_handle(copy), load_handle(release_dir, dtype="bfloat16")
+    assert handle.fingerprint == via_link.fingerprint == via_copy.fingerprint == in_bf16.fingerprint
+    assert len(handle.fingerprint) == 16 and handle.name != via_link.name
+    assert via_link.display_name == "linked-nearid" and via_link.label == f"linked-nearid [{handle.fingerprint[:8]}]"
+    other_weights = NearIDScorer(tiny_nearid_model(2), TINY_PREPROCESS, "cpu", torch.float32)
+    other_preprocess = NearIDScorer(handle.scorer.model, type(TINY_PREPROCESS)(size=(56, 56), resample="bicubic"),
+                                    "cpu", torch.float32)
+    assert len({handle.fingerprint, other_weights.fingerprint(), other_preprocess.fingerprint()}) == 3
+
+    # an embedding made through the symlink is accepted by the model loaded from the real path, and the UI is short
+    out = NearIDEmbed().embed(via_link, images(2, seed=4))
+    (emb,) = result(out)
+    assert emb.model_id == handle.fingerprint and emb.model_name == "linked-nearid"
+    assert str(tmp_path) not in out["ui"]["text"][0] and "linked-nearid [" in out["ui"]["text"][0]
+    scores = result(NearIDScore().score(handle, images(2), reference_embedding=emb))[0]
+    direct = result(NearIDScore().score(handle, images(2), reference_images=images(2, seed=4)))[0]
+    assert scores == pytest.approx(direct, abs=1e-6)
+
+
+@pytest.mark.parametrize("source, shown", [
+    ("Aleksandar/nearid-siglip2", "Aleksandar/nearid-siglip2"), ("/srv/comfy/models/nearid/nearid-tiny", "nearid-tiny"),
+    ("/srv/comfy/models/nearid/heads/my_head.safetensors", "my_head"), ("heads/my_head.safetensors", "heads/my_head"),
+    ("/srv/comfy/models/nearid/nearid-tiny/", "nearid-tiny"), ("nearid-tiny", "nearid-tiny"),
+])
+def test_short_display_names(source, shown):
+    assert short_name(source) == shown
+
+
+def test_loader_shows_the_dropdown_entry(models_dir, fake_comfy):
+    (out,) = NearIDModelLoader().load(os.path.join("heads", "my_head.safetensors"), "cpu", "float32", 2)
+    assert out.display_name == os.path.join("heads", "my_head") and str(models_dir) not in out.label
+    assert str(models_dir) not in repr(out)

@@ -4,6 +4,7 @@ hard-coded table of the core nodes they use), and each UI-format file checked ag
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import sys
 import types
@@ -73,7 +74,8 @@ def node_defs(tmp_path_factory) -> dict[str, dict]:
         for name, cls in nearid_nodes.NODE_CLASS_MAPPINGS.items():
             spec = cls.INPUT_TYPES()
             defs[name] = dict(required=spec.get("required", {}), optional=spec.get("optional", {}),
-                              outputs=tuple(cls.RETURN_TYPES), output_node=getattr(cls, "OUTPUT_NODE", False))
+                              outputs=tuple(cls.RETURN_TYPES), output_node=getattr(cls, "OUTPUT_NODE", False),
+                              validate=getattr(cls, "VALIDATE_INPUTS", None))
     finally:
         if saved is None:
             sys.modules.pop("folder_paths", None)
@@ -115,7 +117,10 @@ def widget_error(value, kind, options) -> str | None:
 
 
 def validate_api(prompt: dict, defs: dict) -> list[str]:
-    """What ComfyUI's validate_prompt would reject in an API-format prompt (node types, inputs, links, outputs)."""
+    """What ComfyUI's validate_prompt would reject in an API-format prompt (node types, inputs, links, outputs).
+
+    As in ComfyUI (execution.py validate_inputs), inputs named in a node's VALIDATE_INPUTS skip the dropdown / min /
+    max checks: VALIDATE_INPUTS gets their constant values (None when linked) and decides."""
     errors = []
     for node_id, node in prompt.items():
         where = f"node {node_id} ({node.get('class_type')})"
@@ -124,6 +129,12 @@ def validate_api(prompt: dict, defs: dict) -> list[str]:
             continue
         d = defs[node["class_type"]]
         inputs = node.get("inputs", {})
+        validator = d.get("validate")
+        custom = set(inspect.getfullargspec(validator).args) - {"cls"} if validator else set()
+        if custom:
+            verdict = validator(**{k: None if is_link(v) else v for k, v in inputs.items() if k in custom})
+            if verdict is not True:
+                errors.append(f"{where}: custom validation failed: {verdict}")
         for name in d["required"]:
             if name not in inputs:
                 errors.append(f"{where}: required input {name!r} missing")
@@ -145,7 +156,7 @@ def validate_api(prompt: dict, defs: dict) -> list[str]:
                 out_type, in_type = outputs[value[1]], "COMBO" if isinstance(kind, list) or kind == FILE else kind
                 if in_type != "*" and out_type != in_type:
                     errors.append(f"{where}.{name}: {out_type} linked to a {in_type} input")
-            else:
+            elif name not in custom:
                 problem = widget_error(value, kind, options)
                 if problem:
                     errors.append(f"{where}.{name}: {problem}")
@@ -218,6 +229,19 @@ def test_validator_catches_broken_prompts(node_defs):
         mutate(broken)
         errors = validate_api(broken, node_defs)
         assert any(expected in e for e in errors), (expected, errors)
+
+
+def test_saved_workflows_with_the_retired_on_empty_still_validate(node_defs):
+    """on_empty "empty batch" (it made the next Save Image raise IndexError) is no longer offered, but workflows saved
+    with it are still accepted at queue time and run as "skip downstream"."""
+    prompt = load(ROOT / "workflows" / "api" / "threshold_split.json")
+    node = next(n for n in prompt.values() if n["class_type"] == "NearIDThresholdFilter")
+    on_empty = node_defs["NearIDThresholdFilter"]["required"]["on_empty"][0]
+    assert "empty batch" not in on_empty and node["inputs"]["on_empty"] in on_empty
+    node["inputs"]["on_empty"] = "empty batch"
+    assert validate_api(prompt, node_defs) == []
+    node["inputs"]["on_empty"] = "drop"
+    assert any("on_empty" in e for e in validate_api(prompt, node_defs))
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
