@@ -3,6 +3,8 @@
 * `checkpoint-<step>/` folders written atomically: `begin_checkpoint` gives a hidden temporary folder, `commit_checkpoint`
   renames it into place once every file is written and synced, so a crash leaves the previous set of checkpoints or
   the new one, never a partial folder that `latest` would pick.
+* `clean_stale_checkpoints`: on start, delete the temporary folders a killed run left behind (never those of a run
+  that is still going).
 * `checkpoint_dirs` / `latest_checkpoint` / `resolve_resume` / `prune_checkpoints`: listing, `--resume latest` and
   `--checkpoints_total_limit`. A folder counts as a checkpoint only when its completion marker file exists.
 * `CsvLog`: an append-only CSV that a resumed run truncates to the resumed step and a new run starts afresh.
@@ -13,10 +15,13 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,11 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "trainer_state.json"  # written last into every checkpoint: its presence means "complete"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# temporary folders: `.checkpoint-N.tmp` (begin_checkpoint; `.tmp-PID` in older versions), `.checkpoint-N.old-PID`
+# (the replaced folder during commit_checkpoint)
+_TEMP_RE = re.compile(r"^\.checkpoint-\d+\.(?:tmp|old)(?:-(\d+))?$")
+_OWNER = ".owner.json"  # in a temporary folder: the process writing it (removed by commit_checkpoint)
+_OWNERLESS_GRACE_S = 600.0  # a temporary folder with no owner record is left alone this long after its last change
 
 # accelerate tracker name -> the package it needs
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
@@ -103,13 +113,15 @@ def checkpoint_folder(output_dir: str | os.PathLike, step: int, temporary: bool 
 
 
 def begin_checkpoint(output_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh, empty `checkpoint_folder(output_dir, step, temporary=True)` to write checkpoint `step` into (the same
-    name on every process)."""
+    """A fresh `checkpoint_folder(output_dir, step, temporary=True)` to write checkpoint `step` into (the same name on
+    every process). It holds only an owner record (this process), which `clean_stale_checkpoints` reads and
+    `commit_checkpoint` removes."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     tmp = checkpoint_folder(output_dir, step, temporary=True)
     if tmp.exists():  # left by a crash
         shutil.rmtree(tmp)
     tmp.mkdir()
+    (tmp / _OWNER).write_text(json.dumps(_this_process()))
     return tmp
 
 
@@ -121,6 +133,7 @@ def commit_checkpoint(tmp: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{tmp} has no {CHECKPOINT_MARKER}: write it last, after everything else.")
     root = tmp.parent
     final = root / tmp.name[1:].removesuffix(".tmp")
+    (tmp / _OWNER).unlink(missing_ok=True)
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as handle:
@@ -135,6 +148,78 @@ def commit_checkpoint(tmp: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_stale_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary checkpoint folders (`.checkpoint-N.tmp`, `.checkpoint-N.old-PID`) that killed or crashed
+    runs left in `output_dir`; call it once on start, before the first save, on the main process.
+
+    A folder is stale when the process that wrote it is gone: its recorded process id is not running on this host (or
+    is now another process, or is this one: nothing is being saved yet), or, with no record, it has not changed for
+    10 minutes. Folders written by a running process, or by another host, are kept (and logged). Returns the deleted
+    folders.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        m = _TEMP_RE.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        owner = _owner_of(path, m.group(1))
+        if owner is not None and _running(owner):
+            logger.info("kept %s: it is being written by process %s on %s", path, owner.get("pid"), owner.get("host"))
+            continue
+        if owner is None and time.time() - path.stat().st_mtime < _OWNERLESS_GRACE_S:
+            continue  # no record yet (being created) or an unknown writer: too recent to tell
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info("removed %d stale temporary checkpoint folder(s) left by an interrupted run: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def _this_process() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux: clock ticks since boot, /proc/PID/stat field 22), to tell a reused PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_of(path: Path, pid_in_name: str | None) -> dict[str, Any] | None:
+    """The owner record of a temporary folder, or the PID in its name (on this host), or None."""
+    try:
+        owner = json.loads((path / _OWNER).read_text())
+        if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
+            return owner
+    except (OSError, ValueError):
+        pass
+    return {"pid": int(pid_in_name), "host": socket.gethostname()} if pid_in_name else None
+
+
+def _running(owner: dict[str, Any]) -> bool:
+    """Whether the process of an owner record may still be writing (unknowable for another host: assume so)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = owner["pid"]
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    start, now = owner.get("start"), _process_start(pid)
+    return start is None or now is None or start == now
 
 
 def _fsync_dir(path: Path) -> None:

@@ -25,7 +25,12 @@ state; written atomically, ``--checkpoints-total-limit`` newest kept), ``train_l
 ``val_log.csv`` (SSR/PA per validation source and pooled, at step 0, every ``--eval-steps`` and at the end),
 ``export/release/`` (published release layout) and ``export/nearid_head.safetensors`` (head-only), both loadable
 with :func:`nearid_core.load_model`, and ``train_summary.json``. Metrics also go to accelerate trackers
-(``--report-to``: tensorboard / wandb when installed).
+(``--report-to``: tensorboard / wandb when installed). On start, the temporary folders of saves that a kill
+interrupted are deleted (:func:`nearid_core.runs.clean_stale_checkpoints`).
+
+A mistake in the flags, paths, data, checkpoint or feature cache (a damaged shard is detected by its checksums) ends
+the command with one message and exit status 2, never a traceback (:func:`cli`). Data too small to fill a batch, or
+without a validation split, trains with a warning.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,12 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import load_model, save_head_only, save_release
 from .configuration_nearid import DEFAULT_BACKBONE
-from .data import EVAL_SOURCES, load_local_mtg, load_local_nearid, local_sources, local_split
+from .data import EVAL_SOURCES, load_local_mtg, load_local_nearid, local_identities, local_sources, local_split
 from .feature_cache import FeatureCache, token_encoder
 from .losses import InfoNCEExtOutput, infonce_ext
 from .preprocessing import PreprocessConfig
@@ -60,6 +67,7 @@ from .runs import (
     CsvLog,
     available_trackers,
     begin_checkpoint,
+    clean_stale_checkpoints,
     commit_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -87,6 +95,7 @@ EXPORTS = ("both", "release", "head", "none")
 TRAIN_LOG_FIELDS = ("step", "epoch", "loss", "tier1", "tier2", "top1_acc", "tier_acc", "lr", "grad_norm", "elapsed_s")
 VAL_LOG_FIELDS = ("step", "source", "SSR", "PA", "PA_terms", "n")
 _NONE_WORDS = ("none", "off")
+_PROG = "python -m nearid_core.train"
 
 
 # ====================================================================================================================
@@ -96,7 +105,7 @@ _NONE_WORDS = ("none", "off")
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m nearid_core.train",
+        prog=_PROG,
         description="Train the NearID MAP head on a frozen SigLIP trunk with near-identity distractors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -188,7 +197,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject conflicting or meaningless flag combinations; the messages name the flags."""
+    """Reject conflicting or meaningless flag combinations, bad values and missing input paths; the messages name the
+    flags (nothing is created or loaded here)."""
+    if not args.output_dir.strip():
+        raise ValueError("--output-dir is empty; pass the folder for checkpoints, logs and exports")
     if bool(args.data_dir) == bool(args.hf):
         raise ValueError("pass exactly one of --data-dir DIR (local folder layout) or --hf (hub datasets)")
     if args.hf:
@@ -230,8 +242,12 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("warmup_steps", "checkpointing_steps", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0 or args.temperature <= 0 or args.max_grad_norm <= 0 or args.weight_decay < 0 or args.alpha < 0:
-        raise ValueError("--lr, --temperature and --max-grad-norm must be > 0; --weight-decay and --alpha >= 0")
+    for name, strict in (("lr", True), ("temperature", True), ("max_grad_norm", True), ("weight_decay", False),
+                         ("alpha", False)):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} 0, "
+                             f"got {value}")
     if args.stop_after_steps is not None and args.max_steps is not None and args.stop_after_steps >= args.max_steps:
         raise ValueError(f"--stop-after-steps {args.stop_after_steps} must be below --max-steps {args.max_steps}")
     cuda = torch.cuda.is_available() and not args.cpu
@@ -246,13 +262,36 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError("--export-only needs --resume (the checkpoint to export)")
         if args.export == "none":
             raise ValueError("--export-only with --export none has nothing to do")
-    if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
-        raise ValueError(f"--resume {args.resume}: not a checkpoint directory (or pass 'latest')")
     if args.eval_steps is not None and args.data_dir is None and not args.val_indices:
         raise ValueError("--eval-steps needs a validation split (--val-indices with --hf)")
     if args.val_split in _NONE_WORDS and args.eval_steps is not None:
         raise ValueError("--eval-steps conflicts with --val-split none")
+    if args.val_sources and (args.val_split in _NONE_WORDS or (args.hf and not args.val_indices)):
+        raise ValueError("--val-sources needs a validation split (--val-indices with --hf; not --val-split none)")
     args.trackers = available_trackers(args.report_to, flag="--report-to")
+    _check_input_paths(args)
+
+
+def _check_input_paths(args: argparse.Namespace) -> None:
+    """The folders and files the flags name exist (the output folders are checked when training starts)."""
+    if args.resume and args.resume != "latest" and not (
+            Path(args.resume).is_dir() or (Path(args.output_dir) / Path(args.resume).name).is_dir()):
+        raise ValueError(f"--resume {args.resume}: not a checkpoint directory (or pass 'latest')")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        what = "is a file, not a folder" if Path(args.data_dir).exists() else "does not exist"
+        raise ValueError(f"--data-dir {args.data_dir} {what}; pass a dataset folder in the local layout "
+                         "(identities/, distractors/<source>/, splits/; see nearid_core.data)")
+    if args.mtg_dir and not Path(args.mtg_dir).is_dir():
+        raise ValueError(f"--mtg-dir {args.mtg_dir} is not a folder; pass MTG samples in the local MTG layout")
+    for flag in ("train_indices", "val_indices", "test_indices"):
+        value = getattr(args, flag)
+        if value and value != "all" and not Path(value).is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: no such file (a JSON list of row positions, "
+                             f"e.g. splits/{flag.split('_')[0]}.json)")
+    for flag in ("cache_dir", "output_dir"):
+        value = getattr(args, flag)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is a file; pass a folder")
 
 
 # ====================================================================================================================
@@ -332,15 +371,26 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into live objects; returns the trainer state (``global_step``,
-    ``sampler``, ``data``, ``args``, ...)."""
+    ``sampler``, ``data``, ``args``, ...).
+
+    Raises:
+        ValueError: a damaged file (named), or a head that does not fit ``head`` (another ``--model``).
+    """
     path = Path(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    head_tensors = load_file(str(path / "head.safetensors"))
+    try:
+        state = json.loads((path / CHECKPOINT_MARKER).read_text())
+        head_tensors = load_file(str(path / "head.safetensors"))
+    except (ValueError, SafetensorError) as err:
+        raise ValueError(f"{path} is damaged ({err}); resume from another checkpoint-<step> folder") from None
     own = head.state_dict()
     missing = sorted(set(own) - set(head_tensors))
     if missing:
         raise ValueError(f"{path}: head checkpoint lacks {missing}")
-    head.load_state_dict({k: v.to(own[k].dtype) for k, v in head_tensors.items()})
+    try:
+        head.load_state_dict({k: v.to(own[k].dtype) for k, v in head_tensors.items()})
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its head does not fit this model ({' '.join(str(err).split())}); pass the --model "
+                         "it was trained with") from None
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if scheduler is not None:
@@ -460,6 +510,7 @@ class TrainingData:
 
 def _local_data(args: argparse.Namespace) -> TrainingData:
     root = Path(args.data_dir)
+    local_identities(root)  # a folder that is not a dataset is named as such, before its sources are listed
     available = local_sources(root)
     sources = list(args.neg_sources or available)
     if not sources:
@@ -474,6 +525,13 @@ def _local_data(args: argparse.Namespace) -> TrainingData:
     val_split = args.val_split
     if val_split is None and (splits_dir / "val.json").is_file():
         val_split = "val"
+    if val_split is None:
+        if args.eval_steps is not None:
+            raise ValueError(f"--eval-steps needs a validation split, but {splits_dir / 'val.json'} does not exist; "
+                             "pass --val-split NAME or drop --eval-steps")
+        logger.warning("%s does not exist: training runs without validation (SSR / PA are never measured). Write a "
+                       "val split there, pass --val-split NAME, or --val-split none to silence this.",
+                       splits_dir / "val.json")
     if val_split in _NONE_WORDS:
         val_split = None
     if val_split:
@@ -489,22 +547,37 @@ def _local_data(args: argparse.Namespace) -> TrainingData:
     return TrainingData(nearid, sources, mtg, val, val_sources)
 
 
-def _hub_data(args: argparse.Namespace) -> TrainingData:
-    from .data import load_hf_nearid, load_split_indices
+def _read_indices(path: str, flag: str) -> list[int]:
+    """A split file of row positions; a file that is not JSON is named with the flag."""
+    from .data import load_split_indices
 
-    indices = None if args.train_indices == "all" else args.train_indices
-    nearid = load_hub_nearid_training(args.neg_sources, indices, repo=args.hf_repo, cache_dir=args.hf_cache_dir)
+    try:
+        return load_split_indices(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # their messages do not name the file
+        raise ValueError(f"{flag} {path} is not a JSON list of row positions ({err})") from None
+
+
+def _hub_data(args: argparse.Namespace) -> TrainingData:
+    from .data import load_hf_nearid
+
+    # the split files are read and checked for overlap before anything is downloaded
+    rows = None if args.train_indices == "all" else _read_indices(args.train_indices, "--train-indices")
     others = {}
     if args.val_indices:
-        others["validation"] = load_split_indices(args.val_indices)
+        others["validation"] = _read_indices(args.val_indices, "--val-indices")
     if args.test_indices:
-        others["test"] = load_split_indices(args.test_indices)
-    check_disjoint(nearid.indices, others, "rows")
+        others["test"] = _read_indices(args.test_indices, "--test-indices")
+    if rows is not None:
+        check_disjoint(rows, others, "rows")
+    nearid = load_hub_nearid_training(args.neg_sources, rows, repo=args.hf_repo, cache_dir=args.hf_cache_dir)
     val_sources = list(args.val_sources or EVAL_SOURCES)
     val = None
     if args.val_indices:
-        val = load_hf_nearid(val_sources, split=None, indices=args.val_indices, repo=args.hf_repo,
+        val = load_hf_nearid(val_sources, split=None, indices=others["validation"], repo=args.hf_repo,
                              cache_dir=args.hf_cache_dir, with_masks=False)
+    else:
+        logger.warning("no --val-indices: training runs without validation (SSR / PA are never measured); pass "
+                       "--val-indices splits/val.json")
     mtg = load_hub_mtg_training("train", cache_dir=args.hf_cache_dir) if args.mtg_hf else None
     return TrainingData(nearid, nearid.sources, mtg, val, val_sources)
 
@@ -512,8 +585,17 @@ def _hub_data(args: argparse.Namespace) -> TrainingData:
 def build_data(args: argparse.Namespace) -> TrainingData:
     """Training / validation records for the flags, after refusing overlapping splits."""
     data = _hub_data(args) if args.hf else _local_data(args)
+    if args.hf:
+        train_where, val_where, no_val = (f"--train-indices {args.train_indices}", f"--val-indices {args.val_indices}",
+                                          "drop --val-indices")
+    else:
+        train_where = f"--train-split {args.train_split or 'train'} of {args.data_dir}"
+        val_where, no_val = f"--val-split {args.val_split or 'val'} of {args.data_dir}", "pass --val-split none"
     if len(data.nearid) == 0:
-        raise ValueError("the training split is empty")
+        raise ValueError(f"the training split is empty ({train_where} lists no identity)")
+    if data.val is not None and len(data.val) == 0:
+        raise ValueError(f"the validation split is empty ({val_where} lists no identity); give it identities or "
+                         f"{no_val}")
     logger.info("training data: %d identities x sources %s%s", len(data.nearid), data.sources,
                 f", {len(data.mtg)} MTG samples x {args.mtg_repeat or 4}" if data.mtg is not None else "")
     return data
@@ -636,25 +718,76 @@ def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
 
 
+def _writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and check that files can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be written ({err.strerror or err}); pass a folder you can write "
+                         "to") from None
+
+
+def _warn_if_small(train_set: JointTrainSet, batch_size: int) -> None:
+    """Warn when the training samples cannot fill one batch (several processes: the sampler refuses it)."""
+    n = len(train_set)
+    if n < batch_size:
+        mtg = f" + {train_set.n_mtg} MTG samples x {train_set.mtg_repeat}" if train_set.n_mtg else ""
+        logger.warning("the training data cannot fill one batch: %d samples (%d identities%s) for --batch-size %d, "
+                       "so every step trains on all %d samples, with fewer in-batch negatives than asked for. Lower "
+                       "--batch-size to %d or less, or add identities.", n, train_set.n_nearid, mtg, batch_size, n, n)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker, the worker's own last line."""
+    text = str(err).strip() or type(err).__name__
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main`, with every mistake in the flags, paths, data, checkpoint or feature cache
+    reported as one message and exit status 2, never a traceback (it is logged at DEBUG level)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse: usage errors (2) and --help (0), already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except (ValueError, OSError, ImportError) as err:
+        logger.debug("training failed", exc_info=True)
+        print(f"{_PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted; continue with --resume latest", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train (or, with ``--export-only``, export) the NearID head; returns a process exit code."""
+    """Train (or, with ``--export-only``, export) the NearID head; returns a process exit code (0). Errors are raised
+    (:func:`cli` turns them into messages)."""
     args = parse_args(argv)
     _setup_logging()
+    output_dir = Path(args.output_dir)
+    _writable_dir(output_dir, "--output-dir")
+    if args.cache_dir and not (args.augment or args.no_cache or args.export_only):
+        _writable_dir(Path(args.cache_dir), "--cache-dir")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import get_cosine_schedule_with_warmup
 
-    output_dir = Path(args.output_dir)
     cuda = torch.cuda.is_available() and not args.cpu
     mixed, backbone_dtype, cache_dtype = _resolve_dtypes(args, cuda)
     accelerator = Accelerator(mixed_precision=mixed, cpu=args.cpu, log_with=args.trackers or None,
                               project_dir=str(output_dir))
     set_seed(args.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        clean_stale_checkpoints(output_dir)  # temporary folders of saves that a kill interrupted
     resume_path = resolve_resume(output_dir, args.resume)
     if args.export_only and resume_path is None:
-        raise FileNotFoundError(f"--export-only: no checkpoint to export in {output_dir}")
+        raise ValueError(f"--export-only: there is no checkpoint in {output_dir} to export; pass --resume "
+                         "CHECKPOINT_DIR")
     device = accelerator.device
     main_process = accelerator.is_main_process
 
@@ -708,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     total_steps = args.max_steps or sampler.total_steps
     sampler.epochs = max(sampler.epochs, math.ceil(total_steps / sampler.steps_per_epoch))
+    _warn_if_small(train_set, args.batch_size)
     head = HeadModule(model)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
@@ -837,13 +971,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _entry() -> None:  # pragma: no cover - thin CLI wrapper
-    try:
-        sys.exit(main())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":  # pragma: no cover
-    _entry()
+    sys.exit(cli())

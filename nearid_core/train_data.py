@@ -279,7 +279,10 @@ class EpochSampler:
         global_batch = batch_size * num_replicas
         self.steps_per_epoch = n // global_batch if self.drop_last else math.ceil(n / global_batch)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} samples are fewer than one global batch ({batch_size} x {num_replicas} processes)")
+            fix = (f"lower the batch size to {n // num_replicas} or less" if n >= num_replicas else
+                   f"use {n} processes or fewer")
+            raise ValueError(f"{n} training samples are fewer than one global batch ({batch_size} x {num_replicas} "
+                             f"processes): {fix}, or add data")
         self.epoch, self.batch = 0, 0
 
     @property

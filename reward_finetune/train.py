@@ -53,6 +53,7 @@ from nearid_core.runs import (
     available_trackers,
     begin_checkpoint,
     checkpoint_folder,
+    clean_stale_checkpoints,
     commit_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -301,6 +302,7 @@ def setup_run(config: TrainConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        clean_stale_checkpoints(config.output_dir)
     resolution = config.resolution or family_cls.default_resolution
     family = family_cls.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision,
                                         variant=config.variant, vae_path=config.pretrained_vae_model_name_or_path,

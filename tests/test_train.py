@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +22,12 @@ from nearid_core import PreprocessConfig, load_model
 from nearid_core.data import MTGRecord, NearIDRecord, load_local_mtg, load_local_nearid
 from nearid_core.feature_cache import FeatureCache, HubImage, content_digest, open_ref, token_encoder
 from nearid_core.preprocessing import load_image, pil_to_tensor, preprocess
-from nearid_core.runs import checkpoint_dirs, latest_checkpoint
+from nearid_core.runs import checkpoint_dirs, clean_stale_checkpoints, latest_checkpoint
 from nearid_core.synthetic import write_dataset, write_mtg
 from nearid_core.train import (
     HeadModule,
     batch_loss,
+    cli,
     load_checkpoint,
     main,
     parse_args,
@@ -223,6 +229,123 @@ def test_flag_validation_happens_before_loading(argv, message):
 
 
 # ====================================================================================================================
+# The command line contract: every user mistake is exit status 2 and one message, never a traceback
+# ====================================================================================================================
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(dataset, tmp_path_factory) -> dict[str, str]:
+    """Paths for the contract table: a file, an empty folder, a non-JSON split file, datasets without / with an
+    empty validation split."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "file.txt").write_text("not a folder")
+    (root / "empty").mkdir()
+    (root / "rows.json").write_text("[0, 1]")
+    (root / "notjson.json").write_text("rows 0 and 1")
+    shutil.copytree(dataset / "data", root / "noval")
+    (root / "noval" / "splits" / "val.json").unlink()
+    shutil.copytree(dataset / "data", root / "emptyval")
+    (root / "emptyval" / "splits" / "val.json").write_text("[]")
+    return {"file": str(root / "file.txt"), "empty": str(root / "empty"), "rows": str(root / "rows.json"),
+            "notjson": str(root / "notjson.json"), "noval": str(root / "noval"), "emptyval": str(root / "emptyval"),
+            "data": str(dataset / "data")}
+
+
+# (argv with {placeholders} from bad_inputs, a phrase of the one message); --output-dir, --model, --cpu are added
+CLI_MISTAKES = [
+    ([], "required: --output-dir"),
+    (["--data-dir", "{data}", "--batch-size", "abc"], "invalid int value"),
+    (["--data-dir", "{data}", "--hf"], "exactly one"),
+    (["--data-dir", "{data}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--data-dir", "{data}", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--data-dir", "{data}", "--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--data-dir", "{data}", "--temperature", "-1"], "--temperature must be a finite number > 0"),
+    (["--data-dir", "{data}", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--data-dir", "{data}", "--mixed-precision", "fp16", "--cpu"], "needs a CUDA device"),
+    (["--data-dir", "{data}", "--val-split", "none", "--val-sources", "src_a"], "--val-sources needs a validation"),
+    (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
+    (["--data-dir", "{file}"], "is a file, not a folder"),
+    (["--data-dir", "{empty}"], "is not a NearID dataset folder"),
+    (["--data-dir", "{data}", "--train-split", "nope"], "--train-split nope"),
+    (["--data-dir", "{data}", "--val-split", "nope"], "split 'nope'"),
+    (["--data-dir", "{data}", "--neg-sources", "nope"], "unknown distractor source"),
+    (["--data-dir", "{data}", "--mtg-dir", "/nonexistent/mtg"], "--mtg-dir /nonexistent/mtg is not a folder"),
+    (["--data-dir", "{data}", "--mtg-dir", "{empty}"], "no MTG sample folders"),
+    (["--data-dir", "{noval}", "--eval-steps", "2"], "--eval-steps needs a validation split"),
+    (["--data-dir", "{emptyval}"], "the validation split is empty"),
+    (["--data-dir", "{data}", "--resume", "/nonexistent/checkpoint-3"], "not a checkpoint directory"),
+    (["--data-dir", "{data}", "--resume", "latest", "--export-only"], "no checkpoint in"),
+    (["--data-dir", "{data}", "--cache-dir", "{file}"], "--cache-dir"),
+    (["--data-dir", "{data}", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--hf", "--train-indices", "/nonexistent/train.json", "--neg-sources", "flux"], "no such file"),
+    (["--hf", "--train-indices", "{notjson}", "--neg-sources", "flux"], "is not a JSON list of row positions"),
+    (["--hf", "--train-indices", "{rows}", "--test-indices", "{rows}", "--neg-sources", "flux"], "test split"),
+]
+OUTPUT_MISTAKES = [("", "--output-dir is empty"), ("{file}", "is a file"), ("{file}/sub", "cannot be written")]
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", CLI_MISTAKES, ids=[m for _, m in CLI_MISTAKES])
+def test_cli_user_mistakes_exit_2_with_one_message(argv, message, bad_inputs, siglip_vision_dir, tmp_path, capsys):
+    argv = [a.format(**bad_inputs) for a in argv]
+    if argv:
+        argv += ["--output-dir", str(tmp_path / "out"), "--cpu", "--report-to", "none"]
+        if "--model" not in argv:
+            argv += ["--model", str(siglip_vision_dir)]
+    code, err = _cli(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and message in err, err
+    assert err.count("error:") == 1 and message in err.strip().splitlines()[-1], err  # argparse adds usage lines
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("output, message", OUTPUT_MISTAKES)
+def test_cli_unusable_output_dir_exits_2(output, message, bad_inputs, capsys):
+    code, err = _cli(["--data-dir", bad_inputs["data"], "--output-dir", output.format(**bad_inputs), "--cpu"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cli_damaged_checkpoint_exits_2_naming_it(bad_inputs, siglip_vision_dir, tmp_path, capsys):
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 3')  # cut short
+    code, err = _cli(["--model", str(siglip_vision_dir), "--data-dir", bad_inputs["data"], "--output-dir",
+                      str(tmp_path / "out"), "--resume", "latest", "--cpu", "--report-to", "none"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{checkpoint} is damaged" in err and "resume from another checkpoint" in err, err
+
+
+def test_cli_as_a_process_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nearid_core.train", "--data-dir", str(tmp_path / "missing"),
+                           "--output-dir", str(tmp_path / "out"), "--cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"python -m nearid_core.train: error: --data-dir {tmp_path / 'missing'} does not exist; pass a dataset folder "
+        "in the local layout (identities/, distractors/<source>/, splits/; see nearid_core.data)")
+
+
+def test_data_too_small_for_a_batch_or_a_validation_split_warns(siglip_vision_dir, tmp_path, caplog):
+    write_dataset(tmp_path / "two", 2, n_views=3, image_size=32, sources=("src_a",), seed=1, splits={"train": 2},
+                  write_masks=False)
+    with caplog.at_level("WARNING", logger="nearid_core.train"):
+        assert main(["--model", str(siglip_vision_dir), "--data-dir", str(tmp_path / "two"), "--output-dir",
+                     str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "8", "--export", "none", "--cpu",
+                     "--report-to", "none"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot fill one batch: 2 samples (2 identities) for --batch-size 8" in w and
+               "Lower --batch-size to 2 or less" in w for w in warnings), warnings
+    assert any("val.json does not exist: training runs without validation" in w for w in warnings), warnings
+    with pytest.raises(ValueError, match="fewer than one global batch .* lower the batch size to 1 or less"):
+        EpochSampler(2, 8, 1, num_replicas=2)
+
+
+# ====================================================================================================================
 # Feature cache
 # ====================================================================================================================
 
@@ -347,6 +470,9 @@ def test_checkpoints_are_atomic_pruned_and_restore_state(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert latest_checkpoint(tmp_path).name == "checkpoint-10"  # the crashed save left no checkpoint-20
     assert not (tmp_path / "checkpoint-20").exists()
+    assert (tmp_path / ".checkpoint-20.tmp" / ".owner.json").is_file()  # ... but its temporary folder
+    assert clean_stale_checkpoints(tmp_path) == [tmp_path / ".checkpoint-20.tmp"]
+    assert not list((tmp_path / "checkpoint-10").glob(".owner*"))  # committed checkpoints carry no owner record
     for step in (20, 30, 40):
         save_checkpoint(tmp_path, step, **kw, total_limit=2)
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [30, 40]
@@ -365,6 +491,55 @@ def test_checkpoints_are_atomic_pruned_and_restore_state(tmp_path, monkeypatch):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _temp_folder(root: Path, name: str, owner: dict | None = None, age_s: float = 0.0) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "head.safetensors").write_bytes(b"x" * 1000)
+    if owner is not None:
+        (path / ".owner.json").write_text(json.dumps(owner))
+    if age_s:
+        os.utime(path, (time.time() - age_s,) * 2)
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="tells a reused PID by /proc/PID/stat")
+def test_stale_checkpoint_folders_are_cleaned_but_not_those_of_running_writers(tmp_path):
+    from nearid_core.runs import _process_start
+
+    host, dead = socket.gethostname(), _dead_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = {"pid": sleeper.pid, "host": host, "start": _process_start(sleeper.pid)}
+        stale = [
+            _temp_folder(tmp_path, ".checkpoint-5.tmp", {"pid": dead, "host": host}),  # killed run
+            _temp_folder(tmp_path, f".checkpoint-6.tmp-{dead}"),  # older versions' name
+            _temp_folder(tmp_path, f".checkpoint-7.old-{dead}"),  # killed during commit_checkpoint
+            _temp_folder(tmp_path, ".checkpoint-8.tmp", {"pid": os.getpid(), "host": host}),  # this process: not saving
+            _temp_folder(tmp_path, ".checkpoint-9.tmp", {**live, "start": "1"}),  # the PID was reused since
+            _temp_folder(tmp_path, ".checkpoint-10.tmp", age_s=3600),  # no record, untouched for an hour
+        ]
+        kept = [
+            _temp_folder(tmp_path, ".checkpoint-11.tmp", live),  # being written right now
+            _temp_folder(tmp_path, ".checkpoint-12.tmp"),  # no record yet: just created
+            _temp_folder(tmp_path, ".checkpoint-13.tmp", {"pid": dead, "host": host + "-other"}),  # unknowable
+            _temp_folder(tmp_path, "checkpoint-4"),  # not temporary
+            _temp_folder(tmp_path, ".checkpoint-x.tmp", age_s=3600),  # not ours
+        ]
+        assert sorted(clean_stale_checkpoints(tmp_path)) == sorted(stale)
+        assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert clean_stale_checkpoints(tmp_path) == [tmp_path / ".checkpoint-11.tmp"]  # its writer has gone
+    assert clean_stale_checkpoints(tmp_path / "missing") == []
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -381,6 +556,8 @@ def runs(dataset, siglip_vision_dir, tmp_path_factory):
     assert main([*common, "--output-dir", str(root / "full")]) == 0
     assert main([*common, "--output-dir", str(root / "split"), "--stop-after-steps", "3", "--export", "none"]) == 0
     assert not (root / "split" / "export").exists() and latest_checkpoint(root / "split").name == "checkpoint-3"
+    # a save that a kill interrupted (as run.py leaves it): cleaned when the run starts again
+    _temp_folder(root / "split", ".checkpoint-4.tmp", {"pid": _dead_pid(), "host": socket.gethostname()})
     assert main([*common, "--output-dir", str(root / "split"), "--resume", "latest", "--export", "none"]) == 0
     return root
 
@@ -392,6 +569,7 @@ def test_resume_latest_reproduces_the_uninterrupted_losses(runs):
         assert [r[name] for r in full] == [r[name] for r in split], name  # bit-identical, printed with repr()
     assert len({r["loss"] for r in full}) > 1
     assert [s for s, _ in checkpoint_dirs(runs / "full")] == [3, 6, 8]
+    assert not list((runs / "split").glob(".checkpoint-*"))  # the interrupted save's folder was cleaned on start
     val = _read_csv(runs / "full" / "val_log.csv")
     assert {r["step"] for r in val} == {"0", "3", "6", "8"} and {r["source"] for r in val} == {*SOURCES, "all"}
     summary = json.loads((runs / "full" / "train_summary.json").read_text())
@@ -419,6 +597,29 @@ def test_exports_load_back_with_identical_embeddings(runs, siglip_vision_dir, da
     again, _ = load_model(out / "export" / "nearid_head.safetensors", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(again.get_image_features(pixels), expected)
+
+
+@pytest.mark.parametrize("damage", ["zeros", "truncate"])
+def test_training_refuses_a_damaged_feature_cache(runs, dataset, siglip_vision_dir, tmp_path, capsys, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(runs / "cache", cache)
+    shards = sorted(cache.glob("*/r0/shard-*.npy"))
+    for shard in shards:  # what the issue did: zero-filled (header kept) or cut short
+        data = np.load(shard)
+        if damage == "zeros":
+            np.save(shard, np.zeros_like(data))
+        else:
+            shard.write_bytes(shard.read_bytes()[:-100])
+    code = cli(["--model", str(siglip_vision_dir), "--data-dir", str(dataset / "data"), "--mtg-dir",
+                str(dataset / "mtg"), "--mtg-repeat", "2", "--batch-size", "3", "--max-steps", "2", "--cache-dir",
+                str(cache), "--cache-dtype", "fp32", "--output-dir", str(tmp_path / "run"), "--cpu", "--report-to",
+                "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "feature cache shard " in err and "shard-0000" in err and "Delete its writer folder" in err, err
+    assert ("differ from the checksums" if damage == "zeros" else "is truncated") in err
+    log = tmp_path / "run" / "train_log.csv"
+    assert not log.exists() or _read_csv(log) == []  # no step trained on garbage
 
 
 def test_augmented_on_the_fly_training_runs(dataset, siglip_vision_dir, tmp_path):
@@ -509,6 +710,7 @@ def test_hub_training_end_to_end(hub, siglip_vision_dir, tmp_path):
               "--test-indices", str(splits / "test.json"), "--cpu", "--report-to", "none"]
     with pytest.raises(SplitOverlapError, match="1 rows with the test split"):
         main([*common, "--output-dir", str(tmp_path / "bad")])
+    assert hub[2] == []  # refused before anything was downloaded
     (splits / "test.json").write_text(json.dumps([8, 9]))
     assert main([*common, "--output-dir", str(tmp_path / "run"), "--mtg-hf", "--batch-size", "3", "--max-steps", "3",
                  "--export", "none"]) == 0
