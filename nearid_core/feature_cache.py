@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .preprocessing import PreprocessConfig, pil_to_tensor, preprocess_images
+from .preprocessing import PreprocessConfig, open_image, pil_to_tensor, preprocess_images, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class HubImage:
 
 
 def open_ref(ref: Any) -> Image.Image:
-    """Open any image reference as an RGB PIL image.
+    """Open any image reference as an RGB PIL image, as the scorer reads it (EXIF orientation, 16-bit scaling).
 
     Accepted: a file path, a PIL image, a :class:`HubImage`, a ``datasets`` raw image cell ``{"bytes", "path"}``,
     or an [H, W, 3] uint8 array.
@@ -128,19 +128,17 @@ def open_ref(ref: Any) -> Image.Image:
     if isinstance(ref, HubImage):
         return ref.load()
     if isinstance(ref, Image.Image):
-        return ref if ref.mode == "RGB" else ref.convert("RGB")
+        return to_rgb(ref)
     if isinstance(ref, Mapping):
         if ref.get("bytes") is not None:
-            with Image.open(io.BytesIO(ref["bytes"])) as img:
-                return img.convert("RGB")
+            return to_rgb(open_image(io.BytesIO(ref["bytes"])))
         if ref.get("path"):
             return open_ref(ref["path"])
         raise ValueError(f"image cell has neither bytes nor path: {sorted(ref)}")
     if isinstance(ref, (str, os.PathLike)):
-        with Image.open(ref) as img:
-            return img.convert("RGB")
+        return to_rgb(open_image(ref))
     if isinstance(ref, np.ndarray):
-        return Image.fromarray(ref).convert("RGB")
+        return to_rgb(Image.fromarray(ref))
     raise TypeError(f"unsupported image reference {type(ref).__name__}")
 
 

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -203,13 +203,13 @@ def check_layout(layout: str | None) -> None:
         raise ImageInputError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None; got {layout!r}.")
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """Open and decode an image file as it is displayed (EXIF orientation applied), in its own mode.
 
-    Errors name the file. Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
+    `path` may also be an open binary file. Errors name the file. Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
     with a message saying how to allow them; allowed huge images are decoded at reduced size.
     """
-    if os.path.islink(path) and not os.path.exists(path):
+    if isinstance(path, (str, os.PathLike)) and os.path.islink(path) and not os.path.exists(path):
         target = os.readlink(path)
         problem = "is part of a symlink loop" if _is_link_loop(path) else f"is a broken symlink (to {target})"
         raise ImageInputError(f"Image file {path} {problem}; point it at a real image file.")

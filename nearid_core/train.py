@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import load_model, save_head_only, save_release
+from .checkpoint import load_model, load_preprocess_config, save_head_only, save_release
 from .configuration_nearid import DEFAULT_BACKBONE
 from .data import EVAL_SOURCES, load_local_mtg, load_local_nearid, local_identities, local_sources, local_split
 from .feature_cache import FeatureCache, token_encoder
@@ -487,7 +487,8 @@ def validate(embedder: TrainEmbedder, records: Sequence[Any], sources: Sequence[
     was_training = embedder.model.head.training
     embedder.model.head.eval()
     try:
-        return run_nearid_bench(records, embedder, sources=list(sources), batch_size=batch_size, progress=False)
+        return run_nearid_bench(records, embedder, sources=list(sources), batch_size=batch_size, progress=False,
+                                indexing="aligned")  # the reference trainer's evaluator keeps slots aligned
     finally:
         embedder.model.head.train(was_training)
 
@@ -800,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.to(device)
     model.freeze_backbone()
     model.head.float()
-    preprocess = PreprocessConfig.from_pretrained(model_dir, image_size=model.config.vision_config.image_size)
+    preprocess = load_preprocess_config(model_dir, image_size=model.config.vision_config.image_size)
     export_dtype = DTYPES[args.export_dtype]
 
     if args.export_only:

@@ -637,12 +637,12 @@ class HubNearIDRecords(Sequence[NearIDRecord]):
         row = self.indices[k]
         n_images = self._n_images[row] if self._n_images is not None else None
         views = [self._pos.cell(f"images{j + 1}", row) for j in range(MAX_VIEWS)]
-        if isinstance(n_images, int):
-            views = [v if j < n_images else None for j, v in enumerate(views)]
         distractors = {s: [cols.cell(f"nimg{j + 1}", row) for j in range(MAX_VIEWS)] for s, cols in self._neg.items()}
         identity = self._ids[row] if self._ids is not None else row
         category = self._categories[row] if self._categories is not None else None
-        return NearIDRecord(str(identity), category, views, [None] * MAX_VIEWS, distractors, row)
+        # every present view is used, as the reference does; a declared n_images that disagrees is only recorded
+        return NearIDRecord(str(identity), category, views, [None] * MAX_VIEWS, distractors, row,
+                            n_images=n_images if isinstance(n_images, int) else None)
 
 
 class HubMTGRecords(Sequence[MTGRecord]):

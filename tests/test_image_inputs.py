@@ -219,7 +219,7 @@ def gray_forms(gray: np.ndarray, tmp_path) -> list:
             gray, gray[..., None], gray.astype(np.float32) / 255, torch.from_numpy(gray.copy())[None, :, :, None]]
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=10)
 @given(size=SIZES, seed=st.integers(0, 10_000))
 def test_every_form_of_a_color_image_embeds_the_same(scorer, tmp_path, size, seed):
     arr = smooth(*size, seed=seed)

@@ -139,6 +139,7 @@ def test_fp32_head_is_the_same_module_semantics(release_dir):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_cuda_fp16_runs_under_autocast_like_the_paper():
     """The paper evaluated fp16 weights under fp16 autocast (LayerNorm / softmax in fp32); the scorer's CUDA default
     does the same. CPUs and other dtypes run without autocast."""
@@ -163,5 +164,6 @@ def test_scorer_enters_the_precision_context(release_dir, monkeypatch):
     monkeypatch.setattr(scorer_mod, "autocast_for", lambda device, dtype: Recording())
     s = NearIDScorer.from_pretrained(release_dir, device="cpu", dtype=torch.float32)
     s.embed(torch.rand(2, 32, 32, 3))
+    assert len(entered) == 1
     s.attention_maps(torch.rand(1, 32, 32, 3))
-    assert len(entered) == 2
+    assert len(entered) >= 2
