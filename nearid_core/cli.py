@@ -121,8 +121,13 @@ def check_output(output: str) -> Path:
     path = Path(output)
     if path.is_dir():
         raise UsageError(f"--output {output} is a directory; give a file name such as {path / 'embeddings.safetensors'}")
-    if path.suffix not in EMBED_SUFFIXES:
+    if not output.strip():
+        raise UsageError("--output is empty; give a file name such as embeddings.safetensors")
+    if path.suffix.lower() not in EMBED_SUFFIXES:
         raise UsageError(f"--output must end in .safetensors or .npy, got {output!r}")
+    path = path.with_suffix(path.suffix.lower())
+    if path.suffix == ".npy" and sidecar_path(path).is_dir():
+        raise UsageError(f"--output {output}: its row-source sidecar {sidecar_path(path)} is a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -188,11 +193,18 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path` (readers never see half)."""
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path` (readers never see half).
+
+    A symlinked `path` keeps its link: the file it points to is replaced. The file gets the usual permissions
+    (0666 less the umask), not the temporary file's private 0600."""
+    path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -218,6 +218,12 @@ def open_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge images are reduced below
             img = Image.open(path)
         with img:
+            if img.format == "TIFF" and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                raise ImageInputError(  # Pillow 13 decodes these rotated TIFFs with scrambled pixels
+                    f"Image file {path} is a TIFF with a rotating EXIF orientation "
+                    f"({img.getexif().get(_EXIF_ORIENTATION)}), which Pillow does not decode correctly; re-save it "
+                    "upright (or as PNG) first."
+                )
             return upright(_decode(img))
     except Image.DecompressionBombError as err:
         raise ImageInputError(
@@ -254,7 +260,12 @@ def _decode(img: Image.Image) -> Image.Image:
     factor = math.ceil(math.sqrt(img.width * img.height / target))
     if img.width * img.height <= HUGE_IMAGE_PIXELS or factor < 2:
         return img
-    if img.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I", "F", "CMYK"):
+    if img.mode.startswith("I;16"):  # Pillow cannot reduce 16-bit images: average factor x factor blocks in numpy
+        arr = np.asarray(img, dtype=np.float32)
+        h, w = (arr.shape[0] // factor) * factor, (arr.shape[1] // factor) * factor
+        blocks = arr[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+        return Image.fromarray(blocks.round().astype(np.uint16))
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "I", "F", "CMYK"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
     return img.reduce(factor)
 
@@ -294,6 +305,11 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     0..65535 onto 0..1, like numpy uint16 input. Mode ``I`` follows PIL's 0..255 scale and mode ``F`` has no defined
     range, so values outside 0..255 (``I``) or any ``F`` image raise `ImageInputError` rather than being clipped.
     """
+    try:
+        img.load()
+    except (ValueError, AssertionError, OSError) as err:
+        raise ImageInputError(f"PIL image could not be read ({err or 'its file is closed'}); pass it while its file "
+                              "is open, or call .load() / .copy() first.") from err
     img = upright(img)
     if img.mode.startswith("I;16"):
         arr = np.asarray(img, dtype=np.float32) / 65535.0
@@ -315,6 +331,15 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.repeat(arr[None], 3, axis=0).copy())
 
 
+def file_to_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """An image file -> [3, H, W] float32 in 0..1, as displayed; every error names the file."""
+    image = open_image(path)
+    try:
+        return pil_to_tensor(image)
+    except ImageInputError as err:
+        raise ImageInputError(f"Image file {path}: {err}") from err
+
+
 def _array_to_tensor(arr: np.ndarray, name: str, layout: str | None) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -325,6 +350,8 @@ def _array_to_tensor(arr: np.ndarray, name: str, layout: str | None) -> torch.Te
         raise ImageInputError(
             f"{name}: numpy images must be HxW or HxWxC with C in (1, 3, 4); got shape {arr.shape}{hint}."
         )
+    if arr.dtype.byteorder not in ("=", "|"):  # e.g. big-endian uint16 read from a file
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.uint8:
         x = torch.from_numpy(arr.astype(np.float32) / 255.0)
     elif arr.dtype == np.uint16:
@@ -338,7 +365,11 @@ def _array_to_tensor(arr: np.ndarray, name: str, layout: str | None) -> torch.Te
 
 
 def _to_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
-    """[C, H, W] with C in (1, 3, 4) -> [3, H, W]; validates the value range."""
+    """[C, H, W] with C in (1, 3, 4) -> [3, H, W] float (fp16 / bf16 become fp32); validates the value range."""
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ImageInputError(f"{name} has no pixels (shape {tuple(x.shape)}).")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # half-precision pixels would not resize on CPUs; the graph is kept
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     elif x.shape[0] == 4:
@@ -416,7 +447,7 @@ def iter_images(images: Images, layout: str | None = None) -> Iterator[torch.Ten
     for index, item in enumerate(items):
         name = f"image {index}"
         if isinstance(item, (str, os.PathLike)):
-            yield pil_to_tensor(open_image(item))
+            yield file_to_tensor(item)
         elif isinstance(item, Image.Image):
             yield pil_to_tensor(item)
         elif isinstance(item, np.ndarray):

@@ -30,8 +30,7 @@ from .preprocessing import (
     Images,
     PreprocessConfig,
     iter_images,
-    open_image,
-    pil_to_tensor,
+    file_to_tensor,
     preprocess,
     preprocess_images,
     resize,
@@ -102,7 +101,7 @@ class _DecodedFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor | None, str | None]:
         path = self.paths[index]
         try:
-            pixels = pil_to_tensor(open_image(path))
+            pixels = file_to_tensor(path)
         except ImageInputError as err:
             return path, None, str(err)
         return path, resize(pixels[None], self.config)[0], None

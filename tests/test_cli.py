@@ -219,3 +219,28 @@ def test_embed_replaces_an_existing_output_atomically(release_dir, image_files, 
     assert main(["embed", str(image_files[0]), "-o", str(out), "--model", str(release_dir)]) == 2
     assert out.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.safetensors"]
+
+
+def test_embed_output_permissions_links_and_case(release_dir, image_files, tmp_path):
+    target = tmp_path / "real.npy"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.npy"
+    os.symlink(target, link)
+    assert main(["embed", str(image_files[0]), "-o", str(link), "--model", str(release_dir)]) == 0
+    assert link.is_symlink() and np.load(target).shape[0] == 1
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert main(["embed", str(image_files[0]), "-o", str(tmp_path / "UP.NPY"), "--model", str(release_dir)]) == 0
+    assert (tmp_path / "UP.npy").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_sidecar_that_is_a_directory_is_refused_up_front(tmp_path, image_files):
+    (tmp_path / "e.npy.json").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["embed", str(image_files[0]), "-o", str(tmp_path / "e.npy")])
+    assert exc.value.code == 2

@@ -271,3 +271,53 @@ def test_unambiguous_shapes_need_no_layout(size, seed):
     torch.testing.assert_close(torch.stack(list(iter_images(t))), torch.stack(list(iter_images(t, "channels_last"))))
     assert F.cosine_similarity(torch.stack(list(iter_images(t.permute(0, 3, 1, 2)))).flatten(1),
                                t.permute(0, 3, 1, 2).flatten(1)).min() > 0.9999
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Found by a new-user trial
+
+
+def test_huge_16_bit_images_are_reduced_not_refused(scorer, tmp_path, monkeypatch):
+    gray = smooth(300, 400, seed=8)[..., 0].astype(np.uint16) * 257
+    path = tmp_path / "big16.png"
+    Image.fromarray(gray).save(path)
+    monkeypatch.setattr(prep, "HUGE_IMAGE_PIXELS", 40_000)
+    reduced = open_image(path)
+    assert reduced.mode.startswith("I;16") and reduced.width * reduced.height <= 40_000
+    assert cosines(scorer, [Image.fromarray((gray // 257).astype(np.uint8)), str(path)]).min() > 0.995
+
+
+def test_rotated_16_bit_tiff_is_refused_not_scrambled(tmp_path):
+    """Pillow 13 decodes TIFFs with orientation 5-8 with scrambled pixels; refuse them rather than score garbage."""
+    path = tmp_path / "rot.tif"
+    Image.fromarray(smooth(30, 40, seed=9)[..., 0].astype(np.uint16) * 257).save(path, tiffinfo={274: 6})
+    with pytest.raises(ImageInputError, match=r"rot\.tif.*orientation.*re-save"):
+        open_image(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pixel_tensors_work_on_cpu(scorer, dtype):
+    t = torch.from_numpy(smooth(40, 50, seed=10)).float()[None] / 255
+    assert cosines(scorer, [t, t.to(dtype)], layout="channels_last").min() > 0.999
+
+
+def test_odd_arrays_and_closed_images(scorer, tmp_path):
+    arr = smooth(40, 50, seed=11).astype(np.uint16) * 257
+    assert cosines(scorer, [arr, arr.astype(">u2")]).min() > 0.99999  # big-endian uint16 from a file
+    with pytest.raises(ImageInputError, match="no pixels"):
+        list(iter_images(np.zeros((0, 5, 3), np.uint8)))
+    with pytest.raises(ImageInputError, match="no pixels"):
+        list(iter_images(torch.zeros(1, 0, 0, 3), layout="channels_last"))
+    path = tmp_path / "a.png"
+    Image.fromarray(smooth(20, 20, seed=12)).save(path)
+    with Image.open(path) as im:
+        pass
+    with pytest.raises(ImageInputError, match="could not be read"):
+        list(iter_images(im))
+
+
+def test_mode_f_file_error_names_the_file(tmp_path):
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(path)
+    with pytest.raises(ImageInputError, match=r"float\.tif.*mode 'F'"):
+        list(iter_images(str(path)))
