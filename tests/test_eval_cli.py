@@ -17,7 +17,7 @@ from nearid_core.eval import benchmarks
 from nearid_core.eval.__main__ import main, parse_args
 from nearid_core.eval.baselines import load_embedder
 from nearid_core.eval.benchmarks import run_nearid_bench
-from nearid_core.eval.metrics import m_h, mtg_oracle
+from nearid_core.eval.metrics import m_h, method_score, mtg_oracle
 from nearid_core.synthetic import write_dataset, write_mtg
 
 A_999 = math.atanh(0.999)
@@ -305,18 +305,36 @@ def test_dreambench_all_categories_and_plot(tmp_path):
     assert (tmp_path / "t.csv").read_text().splitlines()[0] == "scorer,object,style,all_fisher_z"
 
 
-def test_dreambench_fails_loudly_on_misaligned_keys(tmp_path, capsys):
+def test_dreambench_pairs_items_by_key_and_fails_loudly_on_unmatched_keys(tmp_path, capsys):
     ratings = _write_ratings(tmp_path / "ratings")
+    in_order = _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "a.json")
     path = ratings / "data_nearid_rating" / "beta.json"
     items = list(json.loads(path.read_text()).items())
-    items[0], items[1] = items[1], items[0]  # magic_cube-1 before magic_cube-0
-    path.write_text(json.dumps(dict(items)))
-    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
-    assert "position 0" in err and "data_nearid_rating/beta.json" in err
-    items[0], items[1] = items[1], items[0]
+    path.write_text(json.dumps(dict(reversed(items))))  # the same keys in another order: the same numbers
+    assert _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "b.json") == in_order
     items[2] = ("object_01_mug-0_0", items[2][1])  # a different item, not just a suffix / alias
     path.write_text(json.dumps(dict(items)))
-    assert "object_01_mug-0" in _usage_error(["dreambench", "--ratings", ratings], capsys)
+    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
+    assert "data_nearid_rating/beta.json lacks ['object_01_cup-0']" in err and "extra ['object_01_mug-0_0']" in err
+
+
+def test_dreambench_same_keys_reordered_with_an_image_index(tmp_path):
+    """Every key ends in _<n> (several images per concept): a reordered scorer file pairs by full key, not position."""
+    keys = [f"object_00_cup-0_{i}" for i in range(4)] + [f"object_01_mug-0_{i}" for i in range(4)]
+    human = {1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [0, 2, 1, 3, 5, 4, 6, 7]}
+    score = dict(zip(keys, [10, 20, 30, 40, 50, 60, 70, 80]))
+    results = []
+    for order, scorer_keys in (("same", keys), ("reordered", keys[3::-1] + keys[4:])):
+        root = tmp_path / order
+        for g, values in human.items():
+            d = root / "data_human_rating" / "merged_data" / f"group{g}"
+            d.mkdir(parents=True)
+            (d / "alpha-cp.json").write_text(json.dumps(dict(zip(keys, values))))
+        (root / "data_nearid_rating").mkdir()
+        (root / "data_nearid_rating" / "alpha.json").write_text(json.dumps({k: score[k] for k in scorer_keys}))
+        results.append(_run_json(["dreambench", "--ratings", root, "--category", "object"], tmp_path / f"{order}.json"))
+    expected = method_score(human[1], human[2], [score[k] for k in keys])
+    assert results[0]["mh"]["nearid"] == pytest.approx(expected) and results[1] == results[0]
 
 
 def test_dreambench_skips_a_scorer_lacking_a_method_unless_strict(tmp_path, capsys, caplog):
@@ -663,6 +681,31 @@ def test_dreambench_score_then_mh(tmp_path, release_dir, count_embeds, rgb_image
                             .read_text()) for m in keys} for g in (1, 2)]
     metric = {m: json.loads((ratings / "data_nearid_rating" / f"{m}.json").read_text()) for m in keys}
     assert out["mh"]["nearid"] == pytest.approx(m_h(human[0], human[1], metric, "object"), nan_ok=True)
+
+
+def test_dreambench_score_twelve_images_per_concept(tmp_path, monkeypatch):
+    """12 images of one concept (keys _0 .. _11): the scorer file lists them in numeric order and M-H pairs each
+    generated image with its own human ratings (a string sort put _10 before _2)."""
+    run = tmp_path / "samples" / "emu2_seed0"
+    keys = [f"object_00_cup-0_{i}" for i in range(12)]
+    for i in range(12):
+        _write_png(run / "src_image" / "object_00_cup" / f"0_{i}.png", (255, 0, 0))
+        _write_png(run / "tgt_image" / "object_00_cup" / f"0_{i}.png", (255, 20 * i, 0))
+    ratings = tmp_path / "ratings"
+    human = [11 - i for i in range(12)]  # the further the colour drifts, the lower the rating
+    for g in (1, 2):
+        d = ratings / "data_human_rating" / "merged_data" / f"group{g}"
+        d.mkdir(parents=True)
+        (d / "emu2-cp.json").write_text(json.dumps(dict(zip(keys, human))))
+    monkeypatch.setattr("nearid_core.eval.__main__._embedder", lambda args, dist: ColourEmbedder())
+    assert main(["dreambench-score", "--samples", str(tmp_path / "samples"), "--ratings", str(ratings), "-q"]) == 0
+    written = json.loads((ratings / "data_nearid_rating" / "emu2.json").read_text())
+    assert list(written) == keys
+    cosines = [100 * 255 / math.hypot(255, 20 * i) for i in range(12)]
+    assert [written[k] for k in keys] == pytest.approx(cosines, abs=1e-3)
+    out = _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "d.json")
+    assert out["per_method"]["nearid"]["emu2"] == pytest.approx(method_score(human, human, cosines), abs=1e-4)
+    assert out["per_method"]["nearid"]["emu2"] > 0.95
 
 
 # =====================================================================================================================

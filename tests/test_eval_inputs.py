@@ -345,6 +345,10 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     _csv(root / "mtg_no_oracle.csv", MTG_HEADER[:-1], [["a", *MTG_ROW[:-1]]])
     _csv(root / "mtg_oracle.csv", MTG_HEADER, [["a", *MTG_ROW[:5], 2, 0.5]])
     _ratings(root / "ratings_str", '{"object_00_cup-0": "x", "object_00_cup-1": 2}')
+    _ratings(root / "ratings_huge", '{"object_00_cup-0": 1' + "0" * 400 + ', "object_00_cup-1": 2}')
+    _csv(root / "underscore.csv", TWO_VIEW, [["x", "0.5", "0.2_5", 0.25]])
+    (root / "link.csv").symlink_to(root / "good.csv")
+    (root / "indices.json").write_text("[0]")
     return {p.name: p for p in root.iterdir()} | {"missing.csv": root / "missing.csv", "nowhere": root / "nowhere"}
 
 
@@ -392,6 +396,26 @@ CONTRACT = [
     ("not a ratings folder", ["dreambench", "--ratings", "{folder}"], "is not a DreamBench++ ratings folder"),
     ("string score", ["dreambench", "--ratings", "{ratings_str}"], "the score 'x' is not a number"),
     ("unknown category", ["dreambench", "--ratings", "{folder}", "--category", "cars"], "invalid choice: 'cars'"),
+    ("huge integer score", ["dreambench", "--ratings", "{ratings_huge}"],
+     "ratings_huge/data_nearid_rating/alpha.json, key 'object_00_cup-0': the score is a 401-digit integer"),
+    ("underscore in a cell", ["nearid-bench", "--sims", "{underscore.csv}"],
+     "column 'cross_00': '0.2_5' is not a number (write it without the '_'"),
+    ("csv overwrites sims", ["nearid-bench", "--sims", "{good.csv}", "--csv", "{good.csv}"],
+     "--csv {good.csv} is the input --sims {good.csv}; writing it would destroy the input"),
+    ("json overwrites sims", ["nearid-bench", "--sims", "{good.csv}", "--json", "{folder}/../good.csv"],
+     "is the input --sims {good.csv}"),
+    ("latex overwrites a linked sims", ["nearid-bench", "--sims", "{link.csv}", "--latex", "{good.csv}"],
+     "--latex {good.csv} is the input --sims {link.csv}"),
+    ("mtg json overwrites sims", ["mtg", "--sims", "{good.csv}", "--json", "{good.csv}"], "is the input --sims"),
+    ("json overwrites a rating file",
+     ["dreambench", "--ratings", "{ratings_str}", "--json", "{ratings_str}/data_nearid_rating/alpha.json"],
+     "is the input --ratings {ratings_str}/data_nearid_rating/alpha.json"),
+    ("csv overwrites indices",
+     ["nearid-bench", "--data", "{data}", "--indices", "{indices.json}", "--csv", "{indices.json}"],
+     "is the input --indices {indices.json}"),
+    ("split is a csv", ["nearid-bench", "--data", "{data}", "--split", "foo.csv"],
+     "--split foo.csv: expected a split name (a file {data}/splits/<name>.json, e.g. test), 'all', or a .json file"),
+    ("missing split json", ["nearid-bench", "--data", "{data}", "--split", "{missing.csv}.json"], "no such file"),
     ("missing samples", ["dreambench-score", "--samples", "{nowhere}", "--ratings", "{folder}"], "no such folder"),
     ("bad rating name", ["dreambench-score", "--samples", "{folder}", "--ratings", "{folder}", "--name", "a b"],
      "--name 'a b' must be a simple identifier"),
@@ -407,6 +431,13 @@ def test_cli_contract(inputs, capsys, argv, message):
         return re.sub(r"\{([^}]+)\}", lambda m: names[m.group(1)], text)
 
     assert fill(message) in _error([fill(a) for a in argv], capsys)
+
+
+def test_an_output_never_overwrites_an_input(inputs, capsys):
+    before = inputs["good.csv"].read_bytes()
+    for flag in ("--json", "--csv", "--latex"):
+        _error(["nearid-bench", "--sims", inputs["good.csv"], flag, inputs["good.csv"]], capsys)
+    assert inputs["good.csv"].read_bytes() == before
 
 
 def test_cli_contract_in_a_real_process(inputs):

@@ -21,6 +21,7 @@ from nearid_core.eval.metrics import (
     method_score,
     mtg_metrics,
     mtg_oracle,
+    natural_sort_key,
     nearid_bench_counts,
     nearid_bench_margins,
     nearid_bench_metrics,
@@ -357,28 +358,52 @@ def test_human_agreement_ceiling():
     assert human_agreement(HUMAN_1, HUMAN_2, category="object") == pytest.approx(expected)
 
 
-def test_align_ratings_pairs_by_position():
+def test_align_ratings_pairs_by_key():
     keys, values = align_ratings([HUMAN_1["m1"], METRIC["m1"]], labels=["human.json", "metric.json"])
     assert keys == ["object_magic_cube", "object_cat", "object_mug", "style_van_gogh", "style_monet"]
     np.testing.assert_array_equal(values, [[1, 2, 3, 1, 2], [0.1, 0.2, 0.3, 0.5, 0.7]])
+    # the same items in another order pair up the same (never by position)
+    reordered = dict(reversed(list(METRIC["m1"].items())))
+    _, again = align_ratings([HUMAN_1["m1"], reordered])
+    np.testing.assert_array_equal(again, values)
 
 
-def test_align_ratings_fails_loudly_on_misaligned_keys():
-    swapped = _ratings(["object_magic_cube_0", "object_mug_0", "object_cat_0", "style_van_gogh_0", "style_monet_0"],
-                       [0.1, 0.2, 0.3, 0.5, 0.7])
+def test_align_ratings_keeps_the_image_index_when_both_files_have_it():
+    """Several images per concept: every key ends in _<n>, so the full key pairs items (stripped they would clash)."""
+    keys = [f"object_00_cup-0_{i}" for i in range(12)]
+    human = dict(zip(keys, range(12)))
+    shuffled = {k: 10.0 * human[k] for k in sorted(keys)}  # string order: _0, _1, _10, _11, _2, ...
+    _, values = align_ratings([human, shuffled])
+    np.testing.assert_array_equal(values[1], 10.0 * values[0])
+    assert m_h({"m": human}, {"m": human}, {"m": shuffled}) == pytest.approx(0.9999)
+    assert m_h({"m": human}, {"m": human}, {"m": shuffled}) == m_h({"m": human}, {"m": human},
+                                                                   {"m": {k: 10.0 * human[k] for k in keys}})
+    # one file without the index: its keys would clash once stripped, so nothing pairs -> an error
+    with pytest.raises(ValueError, match="only after stripping"):
+        align_ratings([human, {"object_00_cup-0": 1.0, **{k: 1.0 for k in keys[1:]}}])
+
+
+def test_natural_sort_key():
+    keys = ["object_00_cup-10_0", "object_00_cup-2_0", "object_00_cup-0_11", "object_00_cup-0_2"]
+    assert sorted(keys, key=natural_sort_key) == ["object_00_cup-0_2", "object_00_cup-0_11", "object_00_cup-2_0",
+                                                  "object_00_cup-10_0"]
+
+
+def test_align_ratings_fails_loudly_on_unmatched_keys():
+    other = _ratings(["object_magic_cube_0", "object_mugs_0", "object_cat_0", "style_van_gogh_0", "style_monet_0"],
+                     [0.1, 0.2, 0.3, 0.5, 0.7])
     with pytest.raises(ValueError) as err:
-        align_ratings([HUMAN_1["m1"], swapped], labels=["group1/m1-cp.json", "nearid/m1.json"])
+        align_ratings([HUMAN_1["m1"], other], labels=["group1/m1-cp.json", "nearid/m1.json"])
     msg = str(err.value)
-    assert "position 1" in msg
     assert "group1/m1-cp.json" in msg and "nearid/m1.json" in msg
-    assert "'object_cat'" in msg and "'object_mug_0'" in msg
+    assert "lacks ['object_mug']" in msg and "extra ['object_mugs_0']" in msg
 
     shorter = _ratings(METRIC_KEYS[:4], [0.1, 0.2, 0.3, 0.5])
-    with pytest.raises(ValueError, match="length.*5.*4.*position 4.*style_monet"):
+    with pytest.raises(ValueError, match=r"b.json lacks \['style_monet'\] and has extra \[\].*4 vs 5 items"):
         align_ratings([HUMAN_1["m1"], shorter], labels=["a.json", "b.json"])
 
-    misaligned_metric = dict(METRIC, m2=swapped)
-    with pytest.raises(ValueError, match=r"position 1.*metric\['m2'\]"):
+    misaligned_metric = dict(METRIC, m2=other)
+    with pytest.raises(ValueError, match=r"metric\['m2'\] lacks"):
         m_h(HUMAN_1, HUMAN_2, misaligned_metric)
 
 

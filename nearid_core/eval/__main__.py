@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -158,18 +159,58 @@ def _check_json_file(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path} is not valid JSON: {err}") from None
 
 
+def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(flag, file) for every input file the command reads that an output could overwrite."""
+    sims = getattr(args, "sims", None)
+    inputs = [("--sims", p) for p in (sims if isinstance(sims, list) else [sims]) if p is not None]
+    if getattr(args, "indices", None) is not None:
+        inputs.append(("--indices", args.indices))
+    split = getattr(args, "split", None)
+    if split is not None and split.endswith(".json"):
+        inputs.append(("--split", Path(split)))
+    if args.command == "dreambench":
+        inputs += [("--ratings", p) for p in sorted(args.ratings.glob("data_*_rating/**/*.json"))]
+    return inputs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Output paths must be creatable: a file is not an existing folder and a folder is not an existing file."""
+    """Output paths must be creatable (a file is not an existing folder and a folder is not an existing file) and
+    must not be one of the input files."""
     files = [("--json", args.json), ("--csv", args.csv), ("--latex", args.latex)] if hasattr(args, "json") else []
     folders = [("--plots", args.plots)] if hasattr(args, "plots") else []
     sims_out = getattr(args, "sims_out", None)
     (files if args.command == "mtg" else folders).append(("--sims-out", sims_out))
+    inputs = _input_files(args)
     for flag, path in files:
         if path is not None and path.is_dir():
             raise ValueError(f"{flag} {path} is a folder; give a file name")
+        for in_flag, in_path in inputs if path is not None else []:
+            if _same_file(path, in_path):
+                raise ValueError(f"{flag} {path} is the input {in_flag} {in_path}; writing it would destroy the "
+                                 "input, give another output file")
     for flag, path in folders:
         if path is not None and path.exists() and not path.is_dir():
             raise ValueError(f"{flag} {path} is a file; give a folder")
+
+
+def _check_split(data: Path, split: str) -> None:
+    """``--split`` of ``--data``: a name (``<data>/splits/<name>.json``), ``all``, or a JSON file."""
+    if split == "all" or (data / "splits" / f"{split}.json").is_file():
+        return
+    if split.endswith(".json"):
+        _check_json_file(Path(split), "--split")
+    elif Path(split).suffix or os.sep in split or "/" in split:
+        raise ValueError(f"--split {split}: expected a split name (a file {data}/splits/<name>.json, e.g. test), "
+                         "'all', or a .json file listing identity ids")
 
 
 def _check_sim_range(args: argparse.Namespace) -> None:
@@ -207,8 +248,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             _check_input_folder(args.data, "--data")
         if cmd == "nearid-bench" and args.indices is not None:
             _check_json_file(args.indices, "--indices")
-        if cmd == "nearid-bench" and args.split and args.split.endswith(".json") and Path(args.split).is_file():
-            _check_json_file(Path(args.split), "--split")
+        if cmd == "nearid-bench" and args.data is not None and args.split is not None:
+            _check_split(args.data, args.split)
         args.masks = args.masks or "full"
         if cmd == "nearid-bench":
             args.indexing = args.indexing or "compact"

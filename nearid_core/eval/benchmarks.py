@@ -65,6 +65,7 @@ from .metrics import (
     m_h_per_method,
     mtg_metrics,
     mtg_oracle,
+    natural_sort_key,
     nearid_bench_margins,
     nearid_bench_metrics,
 )
@@ -308,6 +309,8 @@ def _parse_cell(text: str, path: Path, line: int, column: str, limits: ValueRang
     if text.lower() in _MISSING_CELLS:
         return math.nan
     where = f"{path}, line {line}, column {column!r}"
+    if "_" in text:  # float() would read "0.9_1" as 0.91
+        raise SimsTableError(f"{where}: {text!r} is not a number (write it without the '_' digit separators)")
     try:
         value = float(text)
     except ValueError:
@@ -1106,7 +1109,7 @@ def _read_rating(path: Path) -> dict[str, float]:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
     except (OSError, UnicodeDecodeError) as err:
         raise SimsTableError(f"cannot read {path}: {err}") from None
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # invalid JSON, or an integer too long for Python to read
         raise SimsTableError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not data:
         raise SimsTableError(f"{path} must hold a non-empty JSON object {{image key: score}}")
@@ -1117,10 +1120,15 @@ def _read_rating(path: Path) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SimsTableError(f"{path}, key {key!r}: the score {value!r} is not a number (use null for a missing "
                                  "rating)")
-        if math.isinf(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise SimsTableError(f"{path}, key {key!r}: the score is a {len(str(value))}-digit integer, too large to "
+                                 "be a rating (use null for a missing rating)") from None
+        if math.isinf(number):
             raise SimsTableError(f"{path}, key {key!r}: the score {value!r} is not finite (use null for a missing "
                                  "rating)")
-        out[key] = float(value)
+        out[key] = number
     return out
 
 
@@ -1140,8 +1148,8 @@ def load_dreambench_ratings(root: str | os.PathLike, strict: bool = False) -> Dr
 
     Raises:
         ValueError: missing human files, a scorer folder that lacks some methods (``strict`` only), or rating files
-            whose keys are not aligned by position (after stripping a trailing ``_<n>`` and mapping ``rubik's_cube``
-            to ``magic_cube``).
+            whose keys do not pair up (items are paired by key, never by position; ``rubik's_cube`` = ``magic_cube``,
+            and a trailing ``_<n>`` image index may be left out; see :func:`~nearid_core.eval.metrics.align_ratings`).
     """
     root = Path(root)
     g1, g2 = root / _HUMAN_DIR / "group1", root / _HUMAN_DIR / "group2"
@@ -1346,7 +1354,8 @@ def score_dreambench(
     ``samples`` holds one folder per run (or is itself a run folder) with ``src_image/`` (reference) and
     ``tgt_image/`` (generated) sub-folders whose files match by relative path. Each generated image gets
     ``100 * cosine(reference, generated)``, keyed by its relative path without extension with ``/`` -> ``-``,
-    keys sorted (the DreamBench++ CLIP-I / DINO convention). Identical reference copies are embedded once.
+    keys sorted with their numbers by value (``cup-2_0`` before ``cup-10_0``). Identical reference copies are
+    embedded once.
 
     Returns:
         The written ``data_<name>_rating`` folder.
@@ -1378,7 +1387,7 @@ def score_dreambench(
         scores = {rel.replace("/", "-"): 100.0 * _cos(cache[a], cache[b]) for rel, a, b in pairs}
         if dist is None or dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{method}.json").write_text(json.dumps(dict(sorted(scores.items())), indent=4) + "\n")
+            (out_dir / f"{method}.json").write_text(json.dumps(dict(sorted(scores.items(), key=lambda kv: natural_sort_key(kv[0]))), indent=4) + "\n")
         written[method] = run
         logger.info("%s: %d images scored (%d unique embedded so far)", method, len(scores), cache.n_embedded)
     return out_dir

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "method_score",
     "mtg_metrics",
     "mtg_oracle",
+    "natural_sort_key",
     "nearid_bench_counts",
     "nearid_bench_margins",
     "nearid_bench_metrics",
@@ -427,15 +428,22 @@ _TRAILING_INDEX = re.compile(r"_\d+$")
 
 
 def canonical_key(key: str) -> str:
-    """Key used to check that two rating files enumerate the same items.
-
-    Strips one trailing ``_<digits>`` image index (``object_cat-0_3`` -> ``object_cat-0``) and maps aliases
-    (``rubik's_cube`` -> ``magic_cube``).
+    """Key with one trailing ``_<digits>`` image index stripped (``object_cat-0_3`` -> ``object_cat-0``) and aliases
+    mapped (``rubik's_cube`` -> ``magic_cube``); rating files whose keys differ only so still pair up (see
+    :func:`align_ratings`).
     """
-    key = _TRAILING_INDEX.sub("", key)
+    return _alias_key(_TRAILING_INDEX.sub("", key))
+
+
+def _alias_key(key: str) -> str:
     for src, dst in KEY_ALIASES.items():
         key = key.replace(src, dst)
     return key
+
+
+def natural_sort_key(key: str) -> list:
+    """Sort key that orders the numbers inside ``key`` by value: ``cup-2_0`` before ``cup-10_0``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def key_category(key: str) -> str | None:
@@ -446,21 +454,60 @@ def key_category(key: str) -> str | None:
     return None
 
 
+def _index_by(rating: Mapping[str, float], reduce: Callable[[str], str]) -> dict[str, str] | None:
+    """reduced key -> original key, or None when two keys of the file reduce to the same one."""
+    out = {reduce(k): k for k in rating}
+    return out if len(out) == len(rating) else None
+
+
+def _match_keys(ref: Mapping[str, float], other: Mapping[str, float], ref_label: str, label: str) -> list[str]:
+    """The keys of ``other`` that pair with the keys of ``ref``, in ``ref``'s order.
+
+    Keys pair when they are equal after mapping aliases (``rubik's_cube`` = ``magic_cube``); failing that, when they
+    are equal after also stripping one trailing ``_<n>`` (one file indexes its images and the other does not), which
+    is allowed only if no two keys of either file become the same. Never by position.
+    """
+    for reduce in (_alias_key, canonical_key):
+        ref_index, index = _index_by(ref, reduce), _index_by(other, reduce)
+        if ref_index is not None and index is not None and ref_index.keys() == index.keys():
+            return [index[k] for k in ref_index]
+    lacks, extra = _unpaired(ref, other), _unpaired(other, ref)
+    if lacks or extra:
+        problem = (f"{label} lacks {_some(lacks)} and has extra {_some(extra)} (compared with {ref_label}, "
+                   f"{len(other)} vs {len(ref)} items)")
+    else:
+        problem = (f"{label} and {ref_label} pair up only after stripping the trailing _<n> image index, which makes "
+                   "two keys of one file the same")
+    raise ValueError(f"rating keys do not match: {problem}. Items are paired by key (rubik's_cube = magic_cube; a "
+                     "trailing _<n> image index may be left out only where every key stays distinct); give both "
+                     "files the same items")
+
+
+def _unpaired(rating: Mapping[str, float], other: Mapping[str, float]) -> list[str]:
+    """Keys of ``rating`` that equal no key of ``other``, even with aliases mapped and the ``_<n>`` index stripped."""
+    alias, canonical = {_alias_key(k) for k in other}, {canonical_key(k) for k in other}
+    return [k for k in rating if _alias_key(k) not in alias and canonical_key(k) not in canonical]
+
+
+def _some(keys: list[str]) -> str:
+    return repr(keys[:3])[:-1] + (", ...]" if len(keys) > 3 else "]")
+
+
 def align_ratings(
     ratings: Sequence[Mapping[str, float]], labels: Sequence[str] | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """Pair two or more {key: score} rating dicts by position, checking their canonical keys agree.
+    """Pair two or more {key: score} rating dicts by key, in the order of the first.
 
     Args:
-        ratings: rating dicts in their stored (file) order; items are paired by position, not by key.
+        ratings: rating dicts; the order of the items in a file does not matter.
         labels: one name per dict (e.g. file paths) used in error messages; defaults to ``ratings[k]``.
 
     Returns:
-        (canonical keys [N], scores [len(ratings), N] float64).
+        (canonical keys of the first dict [N], scores [len(ratings), N] float64).
 
     Raises:
-        ValueError: fewer than two dicts, labels of the wrong length, a non-numeric score, or the dicts differ in
-            length or in canonical key at some position (the message names the position, the keys and the labels).
+        ValueError: fewer than two dicts, labels of the wrong length, a non-numeric score, or a key of one dict that
+            pairs with no key of the first (see :func:`_match_keys`; the message names the keys and the labels).
     """
     if len(ratings) < 2:
         raise ValueError(f"align_ratings needs at least two rating dicts, got {len(ratings)}")
@@ -468,31 +515,15 @@ def align_ratings(
         labels = [f"ratings[{k}]" for k in range(len(ratings))]
     if len(labels) != len(ratings):
         raise ValueError(f"got {len(labels)} labels for {len(ratings)} rating dicts")
-    ref_keys = list(ratings[0].keys())
-    ref_canon = [canonical_key(k) for k in ref_keys]
-    for other, label in zip(ratings[1:], labels[1:]):
-        keys = list(other.keys())
-        for pos, (ref_key, ref_c, key) in enumerate(zip(ref_keys, ref_canon, keys)):
-            if canonical_key(key) != ref_c:
-                raise ValueError(
-                    f"rating keys disagree at position {pos}: {labels[0]} has {ref_key!r} (canonical {ref_c!r}) but "
-                    f"{label} has {key!r} (canonical {canonical_key(key)!r}); items are paired by position, so "
-                    f"both files must list the same items in the same order"
-                )
-        if len(keys) != len(ref_keys):
-            pos = min(len(keys), len(ref_keys))
-            extra = ref_keys[pos] if len(ref_keys) > pos else keys[pos]
-            raise ValueError(
-                f"rating dicts differ in length: {labels[0]} has {len(ref_keys)} items but {label} has {len(keys)}; "
-                f"first unmatched item at position {pos} is {extra!r}"
-            )
+    ref = ratings[0]
     rows = []
     for rating, label in zip(ratings, labels):
+        keys = list(ref) if rating is ref else _match_keys(ref, rating, labels[0], label)
         try:
-            rows.append(np.array([float(v) for v in rating.values()], dtype=np.float64))
+            rows.append(np.array([float(rating[k]) for k in keys], dtype=np.float64))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{label}: scores must be numbers: {exc}") from exc
-    return ref_canon, np.stack(rows)
+    return [canonical_key(k) for k in ref], np.stack(rows)
 
 
 def method_score(human_1: ArrayLike, human_2: ArrayLike, metric: ArrayLike) -> float:
