@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -89,7 +89,7 @@ def resolve_checkpoint(
     if path.exists():
         return path
     name = str(name_or_path)
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) or name.startswith(".") or ".." in name:
+    if not _looks_like_hub_id(name):
         raise CheckpointNotFoundError(
             f"Checkpoint path {name!r} does not exist ({path.absolute()}) and is not a hub id of the form 'owner/name'."
         )
@@ -118,11 +118,18 @@ def resolve_checkpoint(
         ) from err
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, as hub repository ids are spelled (no leading dot, no `..`)."""
+    return re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and not name.startswith(".") and ".." not in name
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); restore the file from the checkpoint's source.") from err
+    except OSError as err:  # a directory, unreadable permissions ...
+        raise CheckpointError(f"{path} cannot be read as a file ({err.strerror or err}).") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
@@ -139,7 +146,7 @@ def load_preprocess_config(directory: str | os.PathLike, image_size: int | None 
     if not path.exists():
         return PreprocessConfig.from_pretrained(directory, image_size)
     try:
-        return PreprocessConfig.from_dict(_read_json(path))
+        return PreprocessConfig.from_dict(_read_json(path), image_size)
     except (ValueError, TypeError, KeyError) as err:
         if isinstance(err, CheckpointError):
             raise
@@ -211,6 +218,7 @@ def _read_tensors(files: Iterable[Path], dtype: torch.dtype | None) -> tuple[dic
             handle = safe_open(str(file), framework="pt")
         except Exception as err:
             raise CheckpointError(f"Cannot read {file} as safetensors ({err}); the file is truncated or corrupt.") from err
+        non_finite = []
         with handle as f:
             metadata.update(f.metadata() or {})
             for key in f.keys():
@@ -220,7 +228,14 @@ def _read_tensors(files: Iterable[Path], dtype: torch.dtype | None) -> tuple[dic
                 if target in tensors:
                     raise CheckpointError(f"{file}: two tensors map to {target!r} (second: {key!r}).")
                 tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    non_finite.append(key)
                 tensors[target] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        if non_finite:
+            raise CheckpointError(
+                f"{file} holds NaN or infinite weights in {len(non_finite)} tensor(s): {_shorten(non_finite)}; "
+                "the checkpoint is broken (e.g. saved after training diverged): restore or re-export it."
+            )
     return tensors, metadata
 
 
@@ -325,14 +340,57 @@ def load_model(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    allowed_roots: Sequence[str | os.PathLike] | None = None,
 ) -> tuple[NearIDModel, Path]:
     """Load a NearID model from any supported layout (see the module docstring).
 
+    Args:
+        allowed_roots: when given, every local path followed (the checkpoint itself and each trunk a head-only file
+            names) must lie, symlinks resolved, inside one of these folders; hub ids `owner/name` stay allowed.
+            A head-only file's relative trunk path is read from the head file's folder.
+
     Returns:
         (model in eval mode with every parameter frozen, the local directory holding the preprocessing config).
+
+    Raises:
+        CheckpointError: a broken checkpoint (naming the file), or a path outside `allowed_roots`.
     """
+    roots = None if allowed_roots is None else tuple(os.path.realpath(os.path.expanduser(r)) for r in allowed_roots)
     return _load(name_or_path, dtype=dtype, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                 chain=())
+                 chain=(), roots=roots)
+
+
+def _inside(path: Path, roots: tuple[str, ...]) -> bool:
+    real = os.path.normcase(os.path.realpath(path))
+    return any(real == os.path.normcase(r) or real.startswith(os.path.join(os.path.normcase(r), "")) for r in roots)
+
+
+def _shown(file: Path, roots: tuple[str, ...]) -> str:
+    """`file` relative to the allowed folder holding it (its bare name if none does), for error messages."""
+    real = os.path.realpath(file)
+    for root in roots:
+        if _inside(file, (root,)):
+            return os.path.relpath(real, root)
+    return file.name
+
+
+def _confine(name_or_path: str | os.PathLike, roots: tuple[str, ...] | None, named_by: Path | None) -> None:
+    """Refuse a local path outside `roots` (existing or not, so the error tells nothing about files elsewhere)."""
+    if roots is None:
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and _looks_like_hub_id(str(name_or_path)):
+        return  # a hub id
+    if _inside(path, roots):
+        return
+    if named_by is None:
+        raise CheckpointError(f"Checkpoint {str(name_or_path)!r} is outside the allowed model folders "
+                              "(symlinks resolved); put it inside them or give a hub id 'owner/name'.")
+    raise CheckpointError(
+        f"The trunk named by {_shown(named_by, roots)} (its backbone_name_or_path) is outside the allowed model "
+        "folders (symlinks resolved); put the trunk inside them (a relative path is read from the head file's "
+        "folder) or name a hub id 'owner/name'."
+    )
 
 
 def _load(
@@ -343,11 +401,17 @@ def _load(
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
     chain: tuple[Path, ...],
+    roots: tuple[str, ...] | None,
+    named_by: Path | None = None,
 ) -> tuple[NearIDModel, Path]:
-    """`load_model`, remembering the head-only files already followed (`chain`) to refuse loops."""
+    """`load_model`, remembering the head-only files already followed (`chain`, the last one `named_by` this
+    checkpoint) to refuse loops."""
+    _confine(name_or_path, roots, named_by)
     location = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     head_file = _head_only_file(location)
     if head_file is not None:
+        if location != head_file:  # a directory's nearid_head.safetensors may be a symlink
+            _confine(head_file, roots if Path(name_or_path).expanduser().exists() else None, named_by)
         real = head_file.resolve()
         if real in chain or len(chain) >= _MAX_HEAD_CHAIN:
             steps = " -> ".join(str(p) for p in (*chain, real))
@@ -357,13 +421,17 @@ def _load(
                 "name a full SigLIP or NearID checkpoint (for example google/siglip2-so400m-patch14-384)."
             )
         return _load_head_only(head_file, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only,
-                               chain=(*chain, real))
+                               chain=(*chain, real), roots=roots)
 
-    if not (location / CONFIG_NAME).exists():
+    config_file = location / CONFIG_NAME
+    if not config_file.exists():
         raise CheckpointError(f"No {CONFIG_NAME} in {location}: not a NearID, SigLIP or head-only checkpoint.")
-    config = _nearid_config_from(_read_json(location / CONFIG_NAME), str(name_or_path), location / CONFIG_NAME)
+    config = _nearid_config_from(_read_json(config_file), str(name_or_path), config_file)
     tensors, _ = _read_tensors(_weight_files(location), dtype)
-    model = _build(config, dtype)
+    try:
+        model = _build(config, dtype)
+    except Exception as err:  # e.g. hidden_size not divisible by num_attention_heads, negative sizes
+        raise CheckpointError(f"{config_file}: the model cannot be built from this config ({err}).") from err
     load_vision_state_dict(model.backbone, tensors, source=str(location))
     model.requires_grad_(False)
     return model.eval(), location
@@ -378,9 +446,24 @@ def _head_only_file(location: Path) -> Path | None:
     return candidate if candidate.exists() and not (location / WEIGHTS_NAME).exists() else None
 
 
+def _trunk_source(trunk: str, file: Path, roots: tuple[str, ...] | None) -> str:
+    """The trunk a head-only `file` names: a path (relative ones from the file's folder) or a hub id."""
+    path = Path(trunk).expanduser()
+    local = path if path.is_absolute() else file.parent / path
+    if not local.exists() and _looks_like_hub_id(trunk):
+        return trunk
+    _confine(local, roots, file)
+    if not local.exists():
+        raise CheckpointError(
+            f"{file}: its trunk {trunk!r} (backbone_name_or_path) does not exist (looked for {local}; a relative path "
+            "is read from the head file's folder) and is not a hub id 'owner/name'."
+        )
+    return str(local)
+
+
 def _load_head_only(
     file: Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None, local_files_only: bool,
-    chain: tuple[Path, ...],
+    chain: tuple[Path, ...], roots: tuple[str, ...] | None,
 ) -> tuple[NearIDModel, Path]:
     tensors, metadata = _read_tensors([file], dtype)
     if metadata.get("format") != _HEAD_FORMAT or "config" not in metadata:
@@ -395,8 +478,8 @@ def _load_head_only(
     trunk = head_config.backbone_name_or_path
     if not trunk:
         raise CheckpointError(f"{file}: the head-only checkpoint does not name its trunk (backbone_name_or_path).")
-    model, trunk_dir = _load(trunk, dtype=dtype, revision=None, cache_dir=cache_dir,
-                             local_files_only=local_files_only, chain=chain)
+    model, trunk_dir = _load(_trunk_source(str(trunk), file, roots), dtype=dtype, revision=None, cache_dir=cache_dir,
+                             local_files_only=local_files_only, chain=chain, roots=roots, named_by=file)
     if model.config.vision_config.hidden_size != head_config.vision_config.hidden_size:
         raise CheckpointError(
             f"{file}: head width {head_config.vision_config.hidden_size} does not match trunk {trunk!r} "

@@ -50,6 +50,21 @@ class ImageInputError(ValueError):
     """An image input cannot be read or has an unsupported shape, dtype or value range."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _triple(value: Any, name: str) -> tuple:
+    """A preprocessor mean / std as a tuple of 3 numbers (a string or a single number is refused)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
+        raise ValueError(f"preprocessor {name} must be a list of 3 numbers, got {value!r}.")
+    return tuple(float(v) for v in value)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How pixels become model input; read from a checkpoint with `PreprocessConfig.from_pretrained`.
@@ -73,23 +88,28 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.resample not in _RESAMPLE.values():
             raise ValueError(f"PreprocessConfig.resample must be one of {sorted(_RESAMPLE.values())}, got {self.resample!r}.")
-        if len(self.size) != 2 or min(self.size) < 1:
+        if len(self.size) != 2 or not all(_is_int(v) and v >= 1 for v in self.size):
             raise ValueError(f"PreprocessConfig.size must be two positive integers (height, width), got {self.size}.")
-        if len(self.mean) != 3 or len(self.std) != 3 or not all(v > 0 for v in self.std):
+        values = (*self.mean, *self.std)
+        if (len(self.mean) != 3 or len(self.std) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values)
+                or not all(v > 0 for v in self.std)):
             raise ValueError(
-                f"PreprocessConfig.mean and std need 3 values each, std positive; got mean {self.mean}, std {self.std}."
+                f"PreprocessConfig.mean and std need 3 numbers each, std positive; got mean {self.mean}, std {self.std}."
             )
         if not self.rescale_factor > 0:
             raise ValueError(f"PreprocessConfig.rescale_factor must be positive, got {self.rescale_factor}.")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
-        """Build from the fields of a transformers `preprocessor_config.json` (SiglipImageProcessor)."""
-        size = data.get("size", {"height": 384, "width": 384})
-        if isinstance(size, int):
+    def from_dict(cls, data: dict[str, Any], image_size: int | None = None) -> "PreprocessConfig":
+        """Build from the fields of a transformers `preprocessor_config.json` (SiglipImageProcessor); without a
+        `size` field, the model's `image_size` (384 when not given)."""
+        size = data.get("size", image_size or 384)
+        if _is_int(size):
             size = {"height": size, "width": size}
-        if "height" not in size:
+        if not isinstance(size, dict) or "height" not in size or "width" not in size:
             raise ValueError(f"preprocessor size {size} is not supported; SigLIP resizes to a fixed height/width.")
+        if not all(_is_int(size[k]) or (_is_number(size[k]) and float(size[k]).is_integer()) for k in ("height", "width")):
+            raise ValueError(f"preprocessor size {size} must hold whole numbers of pixels.")
         resample = data.get("resample", 3)
         if isinstance(resample, int):
             if resample not in _RESAMPLE:
@@ -99,8 +119,8 @@ class PreprocessConfig:
             size=(int(size["height"]), int(size["width"])),
             resample=str(resample).lower(),
             rescale_factor=float(data.get("rescale_factor", 1 / 255)) if data.get("do_rescale", True) else 1.0,
-            mean=tuple(data.get("image_mean", (0.5, 0.5, 0.5))),
-            std=tuple(data.get("image_std", (0.5, 0.5, 0.5))),
+            mean=_triple(data.get("image_mean", (0.5, 0.5, 0.5)), "image_mean"),
+            std=_triple(data.get("image_std", (0.5, 0.5, 0.5)), "image_std"),
             do_resize=bool(data.get("do_resize", True)),
             do_normalize=bool(data.get("do_normalize", True)),
             extra=data,
@@ -112,7 +132,7 @@ class PreprocessConfig:
         `image_size` (with a warning, since the resampling filter then is a guess)."""
         path = Path(directory) / "preprocessor_config.json"
         if path.exists():
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(path.read_text()), image_size)
         if image_size is None:
             raise FileNotFoundError(f"No preprocessor_config.json in {directory} and no image_size given.")
         logger.warning("No preprocessor_config.json in %s: using SigLIP defaults at %d px (bilinear).", directory, image_size)

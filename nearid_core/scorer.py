@@ -148,7 +148,8 @@ class NearIDScorer:
             device: default CUDA if available, else CPU.
             dtype: default fp16 on CUDA; on CPUs bf16 where it is measured faster, else fp32
                 (`nearid_core.precision`). On a CPU in bf16 / fp16 the MAP head runs in fp32.
-            **kwargs: `revision`, `cache_dir`, `local_files_only` for the download.
+            **kwargs: `revision`, `cache_dir`, `local_files_only` for the download; `allowed_roots` to confine local
+                paths (see `nearid_core.checkpoint.load_model`).
         """
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)

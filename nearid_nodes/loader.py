@@ -274,9 +274,11 @@ class NearIDModelLoader:
         load = comfy_env.load_device() if device == "auto" else torch.device("cpu")
         offload = comfy_env.offload_device() if device == "auto" else torch.device("cpu")
         torch_dtype = DTYPES[dtype] or comfy_env.auto_dtype(load)
+        # A head-only file names its trunk: that path must lie in the model folders too (unless the owner opted in).
+        roots = None if comfy_env.allow_any_model_path() else comfy_env.model_folders()
         try:
             with torch.inference_mode():
-                scorer = NearIDScorer.from_pretrained(source, device=offload, dtype=torch_dtype)
+                scorer = NearIDScorer.from_pretrained(source, device=offload, dtype=torch_dtype, allowed_roots=roots)
         except CheckpointNotFoundError as err:
             raise CheckpointNotFoundError(f"{err}\nLocal NearID folders searched:\n{_searched()}") from err
         patcher = comfy_env.make_patcher(scorer.model, load, offload) if device == "auto" else None

@@ -623,3 +623,110 @@ def test_missing_relative_path_says_it_was_read_as_a_hub_id(tmp_path, monkeypatc
         load_model("models/nearid", local_files_only=True)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         load_model("../models/nearid")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# allowed_roots: every local path followed stays in the allowed folders
+
+
+def test_allowed_roots_refuse_a_trunk_outside_without_telling_the_path(head_only_file, siglip_vision_dir, tmp_path):
+    root = tmp_path / "models"
+    (root / "heads").mkdir(parents=True)
+    head = _head_naming(head_only_file, root / "heads" / "h.safetensors", str(siglip_vision_dir))
+    missing = _head_naming(head_only_file, root / "gone.safetensors", "/etc/passwd_dir")
+    for file, shown in ((head, "heads/h.safetensors"), (missing, "gone.safetensors")):
+        with pytest.raises(CheckpointError, match=rf"trunk named by {shown} .*outside the allowed") as err:
+            load_model(file, allowed_roots=[root])
+        assert str(siglip_vision_dir) not in str(err.value) and "passwd" not in str(err.value)
+    model, config_dir = load_model(head)  # no roots: loads from anywhere, as before
+    assert config_dir == siglip_vision_dir
+    shutil.copytree(siglip_vision_dir, root / "trunk")
+    _head_naming(head_only_file, head, str(root / "trunk"))
+    assert load_model(head, allowed_roots=[root])[1] == root / "trunk"
+
+
+def test_allowed_roots_refuse_the_checkpoint_itself_and_symlinks_out(siglip_vision_dir, tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "link").symlink_to(siglip_vision_dir, target_is_directory=True)
+    for path in (siglip_vision_dir, root / "link", tmp_path / "nowhere"):
+        with pytest.raises(CheckpointError, match="outside the allowed model folders"):
+            load_model(path, allowed_roots=[root])
+
+
+def test_allowed_roots_still_allow_hub_ids(head_only_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "models"
+    root.mkdir()
+    head = _head_naming(head_only_file, root / "h.safetensors", "someone/some-trunk")
+    with pytest.raises(CheckpointNotFoundError, match="someone/some-trunk"):  # tried on the hub, not refused
+        load_model(head, allowed_roots=[root], local_files_only=True, cache_dir=tmp_path / "cache")
+
+
+def test_scorer_from_pretrained_forwards_allowed_roots(siglip_vision_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="outside the allowed"):
+        NearIDScorer.from_pretrained(siglip_vision_dir, device="cpu", allowed_roots=[tmp_path])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Broken checkpoints found at load time, not later
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 3), ("hidden_size", -32)])
+def test_config_the_model_cannot_be_built_from_names_config_json(release_dir, tmp_path, field, value):
+    d = _copy_release(release_dir, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config["vision_config"][field] = value
+    if field == "hidden_size":
+        config["embed_dim"] = value  # consistent, so the failure comes from building the model
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"image_mean": "abc"}', "image_mean"),
+    ('{"image_std": [0.5, 0.5]}', "image_std"),
+    ('{"image_mean": [0.5, NaN, 0.5]}', "mean"),
+    ('{"size": {"height": 56.7, "width": 56}}', "whole numbers"),
+    ('{"size": 56.5}', "size"),
+])
+def test_bad_preprocessor_values_are_refused_at_load(release_dir, tmp_path, content, match):
+    d = _copy_release(release_dir, tmp_path)
+    (d / "preprocessor_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"preprocessor_config\.json.*{match}"):
+        NearIDScorer.from_pretrained(d, device="cpu")
+
+
+def test_preprocessor_without_size_uses_the_models_image_size(release_dir, tmp_path):
+    d = _copy_release(release_dir, tmp_path)
+    (d / "preprocessor_config.json").write_text('{"resample": 2}')
+    assert NearIDScorer.from_pretrained(d, device="cpu").preprocess_config.size == (56, 56)  # not 384
+
+
+def test_preprocessor_config_that_is_a_directory(release_dir, tmp_path):
+    d = _copy_release(release_dir, tmp_path)
+    (d / "preprocessor_config.json").unlink()
+    (d / "preprocessor_config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json cannot be read"):
+        NearIDScorer.from_pretrained(d, device="cpu")
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensors(head_only_file, tmp_path):
+    with safe_open(str(head_only_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    tensors["probe"][0, 0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"nan\.safetensors holds NaN or infinite weights in 1 tensor\(s\): probe"):
+        load_model(tmp_path / "nan.safetensors")
+
+
+def test_relative_trunk_is_read_from_the_head_files_folder(head_only_file, siglip_vision_dir, tmp_path, monkeypatch):
+    shutil.copytree(siglip_vision_dir, tmp_path / "ckpt" / "trunk")
+    head = _head_naming(head_only_file, tmp_path / "ckpt" / "h.safetensors", "trunk")
+    monkeypatch.chdir(siglip_vision_dir.parent)  # the current directory plays no part
+    assert load_model(head)[1] == tmp_path / "ckpt" / "trunk"
+    missing = _head_naming(head_only_file, tmp_path / "ckpt" / "m.safetensors", "../no-trunk")
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: its trunk '\.\./no-trunk'.*does not exist"):
+        load_model(missing)

@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import TINY_PREPROCESS, tiny_nearid_model
 
+import nearid_core
 import nearid_nodes
-from nearid_core import NearIDScorer
+from nearid_core import CheckpointError, NearIDScorer
 from nearid_nodes import comfy_env, trunk_cache
 from nearid_nodes.heatmap import NearIDAttentionHeatmap
 from nearid_nodes.loader import (
@@ -268,11 +269,12 @@ def test_comfy_env_falls_back_outside_comfyui(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def models_dir(fake_comfy, release_dir, head_only_file) -> Path:
+def models_dir(fake_comfy, release_dir) -> Path:
     base = Path(fake_comfy.modules["folder_paths"].models_dir) / "nearid"
     shutil.copytree(release_dir, base / "nearid-tiny")
     (base / "heads").mkdir(parents=True)
-    shutil.copy(head_only_file, base / "heads" / "my_head.safetensors")
+    # its trunk lies in the model folders too, named relative to the head file's folder
+    nearid_core.save_head_only(tiny_nearid_model(1, backbone="../nearid-tiny"), base / "heads" / "my_head.safetensors")
     (base / "notes.txt").write_text("ignored")
     return base
 
@@ -377,6 +379,25 @@ def test_symlink_leaving_the_model_folder_is_refused_and_not_listed(models_dir, 
     assert "escape" in model_choices()
     (out,) = NearIDModelLoader().load("escape", "cpu", "float32", 2)
     assert out.name == str(models_dir / "escape")
+
+
+@pytest.mark.parametrize("trunk", ["outside", "missing", "/etc/passwd_dir", "../../outside/x"])
+def test_head_only_file_naming_a_trunk_outside_the_model_folders_is_refused(models_dir, fake_comfy, outside,
+                                                                              monkeypatch, trunk):
+    """Regression: a head-only file in models/nearid/ could load its trunk from anywhere, and errors told outside
+    paths ("Checkpoint path '/etc/passwd_dir' does not exist")."""
+    named = {"outside": str(outside / "x"), "missing": str(outside / "gone")}.get(trunk, trunk)
+    head = models_dir / "heads" / "evil.safetensors"
+    nearid_core.save_head_only(tiny_nearid_model(1, backbone=named), head)
+    entry = os.path.join("heads", "evil.safetensors")
+    with pytest.raises(CheckpointError, match="outside the allowed model folders") as err:
+        NearIDModelLoader().load(entry, "cpu", "float32", 2)
+    message = str(err.value)
+    assert entry in message and named not in message and str(outside) not in message and "passwd" not in message
+    if trunk == "outside":
+        monkeypatch.setenv(comfy_env.ALLOW_ANY_PATH_ENV, "1")
+        (out,) = NearIDModelLoader().load(entry, "cpu", "float32", 2)
+        assert out.name == str(head)
 
 
 def test_loader_errors_list_only_model_files_inside_the_folders(models_dir, fake_comfy, outside):
