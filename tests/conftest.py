@@ -103,3 +103,42 @@ def image_files(tmp_path_factory, rgb_images) -> list[Path]:
         paths.append(d / f"img{i}.png")
         img.save(paths[-1])
     return paths
+
+
+CLIP_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+                     "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel (32 px vision tower) with CLIP's slow processor config, for the CLIP baselines."""
+    from transformers import CLIPConfig, CLIPModel
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR))
+    return d
+
+
+def eval_usage_error(argv, capsys) -> str:
+    """Run the eval CLI on a user mistake: exit status 2 and one error line on stderr, no traceback; returns it."""
+    from nearid_core.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]

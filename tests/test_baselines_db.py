@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+from transformers import CLIPModel, ViTConfig, ViTModel
 
 from nearid_core.eval.__main__ import main
 from nearid_core.eval.baselines import (
@@ -25,11 +25,6 @@ from nearid_core.eval.names import BASELINE_NAMES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-                     "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
-                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                     "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                     "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +35,6 @@ def vit_dir(tmp_path_factory):
     config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        image_size=224, patch_size=32)
     ViTModel(config, add_pooling_layer=True).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def clip_b32_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip_b32")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR))
     return d
 
 
@@ -134,14 +114,14 @@ def test_dino_vits8_embeds_the_cls_token_of_the_dreambench_transform(vit_dir, im
     torch.testing.assert_close(emb.embed([rgba]), emb.embed([dreambench_rgb(rgba)]), atol=0, rtol=0)
 
 
-def test_clip_vit_b32_is_get_image_features_of_its_own_processor(clip_b32_dir, images):
-    emb = load_embedder("clip-vit-b32", clip_b32_dir, device="cpu")
+def test_clip_vit_b32_is_get_image_features_of_its_own_processor(tiny_clip_dir, images):
+    emb = load_embedder("clip-vit-b32", tiny_clip_dir, device="cpu")
     assert emb.readout == "image_features" and emb.dtype == torch.float32
     out = emb.embed(images)
-    pixels = slow_image_processor(str(clip_b32_dir))(images=images, return_tensors="pt")["pixel_values"]
+    pixels = slow_image_processor(str(tiny_clip_dir))(images=images, return_tensors="pt")["pixel_values"]
     assert pixels.shape[-2:] == (32, 32)
     with torch.no_grad():
-        raw = CLIPModel.from_pretrained(clip_b32_dir).eval().get_image_features(pixel_values=pixels)
+        raw = CLIPModel.from_pretrained(tiny_clip_dir).eval().get_image_features(pixel_values=pixels)
     raw = raw if isinstance(raw, torch.Tensor) else raw.pooler_output
     assert out.shape == (4, 16)
     torch.testing.assert_close(out, F.normalize(raw, dim=-1), atol=1e-5, rtol=1e-5)

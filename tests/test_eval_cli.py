@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import eval_usage_error
+
 from nearid_core import NearIDScorer
 from nearid_core.data import NearIDRecord, load_local_nearid, open_image
 from nearid_core.eval import benchmarks
@@ -29,16 +31,7 @@ def _run_json(argv, out):
     return json.loads(out.read_text())
 
 
-def _usage_error(argv, capsys):
-    """Run the CLI on a user mistake: exit status 2 and one error line on stderr, no traceback; returns the line."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(map(str, argv)))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
+
 
 
 def _write_csv(path, header, rows):
@@ -113,12 +106,12 @@ def test_nearid_bench_sims_hand_worked(tmp_path):
 def test_nearid_bench_sims_errors(tmp_path, capsys):
     a = _write_csv(tmp_path / "src_a.csv", *SRC_A)
     (tmp_path / "other").mkdir()
-    err = _usage_error(["nearid-bench", "--sims", a, shutil.copy(a, tmp_path / "other" / "src_a.csv")], capsys)
+    err = eval_usage_error(["nearid-bench", "--sims", a, shutil.copy(a, tmp_path / "other" / "src_a.csv")], capsys)
     assert "two CSVs give source 'src_a'" in err
     bad = _write_csv(tmp_path / "bad.csv", ["sim_01", "cross_00", "cross_11"], [[0.5, "high", 0.25]])
-    assert "bad.csv, line 2, column 'cross_00'" in _usage_error(["nearid-bench", "--sims", bad], capsys)
+    assert "bad.csv, line 2, column 'cross_00'" in eval_usage_error(["nearid-bench", "--sims", bad], capsys)
     none = _write_csv(tmp_path / "none.csv", ["score"], [[0.5]])
-    assert "lacks the column(s) ['sim_01', 'cross_00', 'cross_11']" in _usage_error(
+    assert "lacks the column(s) ['sim_01', 'cross_00', 'cross_11']" in eval_usage_error(
         ["nearid-bench", "--sims", none], capsys)
 
 
@@ -208,7 +201,7 @@ def test_mtg_sims_hand_worked(tmp_path):
 
 def test_mtg_sims_requires_every_column(tmp_path, capsys):
     sims = _write_csv(tmp_path / "m.csv", MTG_HEADER[:-1], [r[:-1] for r in MTG_ROWS])
-    assert "lacks the column(s) ['oracle_2']" in _usage_error(["mtg", "--sims", sims], capsys)
+    assert "lacks the column(s) ['oracle_2']" in eval_usage_error(["mtg", "--sims", sims], capsys)
 
 
 def test_mtg_sims_reads_the_reference_column_names(tmp_path, capsys):
@@ -229,7 +222,7 @@ def test_mtg_sims_reads_the_reference_column_names(tmp_path, capsys):
     # a reference table lacking a column is told so in the reference's names
     lacking = _write_csv(tmp_path / "lacking.csv", [c for c in header if c != "mtg_oracle_2"],
                          [[v for c, v in zip(header, r) if c != "mtg_oracle_2"] for r in rows])
-    assert "lacks the column(s) ['mtg_oracle_2']" in _usage_error(["mtg", "--sims", lacking], capsys)
+    assert "lacks the column(s) ['mtg_oracle_2']" in eval_usage_error(["mtg", "--sims", lacking], capsys)
 
 
 # =====================================================================================================================
@@ -314,7 +307,7 @@ def test_dreambench_pairs_items_by_key_and_fails_loudly_on_unmatched_keys(tmp_pa
     assert _run_json(["dreambench", "--ratings", ratings, "--category", "object"], tmp_path / "b.json") == in_order
     items[2] = ("object_01_mug-0_0", items[2][1])  # a different item, not just a suffix / alias
     path.write_text(json.dumps(dict(items)))
-    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
+    err = eval_usage_error(["dreambench", "--ratings", ratings], capsys)
     assert "data_nearid_rating/beta.json lacks ['object_01_cup-0']" in err and "extra ['object_01_mug-0_0']" in err
 
 
@@ -348,11 +341,11 @@ def test_dreambench_skips_a_scorer_lacking_a_method_unless_strict(tmp_path, caps
     assert set(out["mh"]) == {"nearid"} and out["skipped_scorers"] == {str(folder): ["gamma"]}
     assert out["mh"]["nearid"] == pytest.approx(math.tanh((A_9999 + 0 + math.atanh(0.5)) / 3))  # unchanged
     assert f"note: skipped {folder}: it lacks method(s) gamma" in capsys.readouterr().out
-    err = _usage_error(["dreambench", "--ratings", ratings, "--strict"], capsys)
+    err = eval_usage_error(["dreambench", "--ratings", ratings, "--strict"], capsys)
     assert "data_gpt_rating" in err and "lacks ratings for method(s) ['gamma']" in err
     # every scorer skipped: an error naming them
     (ratings / "data_nearid_rating" / "beta.json").unlink()
-    err = _usage_error(["dreambench", "--ratings", ratings], capsys)
+    err = eval_usage_error(["dreambench", "--ratings", ratings], capsys)
     assert "no data_<scorer>_rating folder with ratings for all the human-rated methods" in err
     assert "data_nearid_rating" in err
 
@@ -712,33 +705,10 @@ def test_dreambench_score_twelve_images_per_concept(tmp_path, monkeypatch):
 # Baselines
 # =====================================================================================================================
 
-CLIP_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-                     "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
-                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                     "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                     "image_std": [0.26862954, 0.26130258, 0.27577711],
-                     "do_convert_rgb": True}
 DINO_PREPROCESSOR = {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 36},
                      "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
                      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                      "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    d = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR))
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -753,12 +723,12 @@ def dino_dir(tmp_path_factory):
     return d
 
 
-def test_clip_and_dinov2_baselines(clip_dir, dino_dir, rgb_images, image_files):
+def test_clip_and_dinov2_baselines(tiny_clip_dir, dino_dir, rgb_images, image_files):
     from transformers import AutoModel, CLIPModel
 
     from nearid_core.eval.baselines import slow_image_processor
 
-    for name, path, dim in (("clip-vit-l14", clip_dir, 16), ("dinov2-l", dino_dir, 32)):
+    for name, path, dim in (("clip-vit-l14", tiny_clip_dir, 16), ("dinov2-l", dino_dir, 32)):
         emb = load_embedder(name, path, device="cpu", dtype=torch.float32)
         out = emb.embed(rgb_images, batch_size=3)
         assert out.shape == (4, dim) and out.dtype == torch.float32
@@ -788,8 +758,8 @@ def test_siglip_readouts(siglip_vision_dir, rgb_images):
     assert not torch.allclose(out, map_emb.embed(rgb_images), atol=1e-2)
 
 
-def test_nearid_bench_with_clip_baseline(tmp_path, bench_data, clip_dir):
-    out = _run_json(["nearid-bench", "--data", bench_data, "--baseline", "clip-vit-l14", "--model", clip_dir,
+def test_nearid_bench_with_clip_baseline(tmp_path, bench_data, tiny_clip_dir):
+    out = _run_json(["nearid-bench", "--data", bench_data, "--baseline", "clip-vit-l14", "--model", tiny_clip_dir,
                      "--device", "cpu", "--dtype", "fp32", "--sims-out", tmp_path / "sims"], tmp_path / "r.json")
     assert set(out["per_source"]) == {"src_a", "src_b"} and out["n"] > 0
 

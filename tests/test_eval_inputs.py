@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import eval_usage_error
+
 from nearid_core.data import MTGRecord, NearIDRecord
 from nearid_core.eval.__main__ import main
 from nearid_core.eval.baselines import BASELINES
@@ -54,16 +56,7 @@ def _json_out(argv, tmp_path):
     return json.loads(out.read_text())
 
 
-def _error(argv, capsys) -> str:
-    """The CLI on a user mistake: exit status 2, one error line on stderr and no traceback; returns that line."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
+
 
 
 # =====================================================================================================================
@@ -83,7 +76,7 @@ def test_missing_cross_11_column_is_an_error_not_a_different_ssr(tmp_path, capsy
     cols = {"sim_01": [r[1] for r in ISSUE_ROWS], "cross_00": [r[2] for r in ISSUE_ROWS]}
     assert nearid_bench_metrics({"flux": cols})["flux"].ssr == pytest.approx(23.75)
     short = _csv(tmp_path / "short.csv", TWO_VIEW[:3], [r[:3] for r in ISSUE_ROWS])
-    err = _error(["nearid-bench", "--sims", short], capsys)
+    err = eval_usage_error(["nearid-bench", "--sims", short], capsys)
     assert "short.csv lacks the column(s) ['cross_11']" in err and "needs sim_01, cross_00 and cross_11" in err
 
 
@@ -430,13 +423,13 @@ def test_cli_contract(inputs, capsys, argv, message):
     def fill(text: str) -> str:
         return re.sub(r"\{([^}]+)\}", lambda m: names[m.group(1)], text)
 
-    assert fill(message) in _error([fill(a) for a in argv], capsys)
+    assert fill(message) in eval_usage_error([fill(a) for a in argv], capsys)
 
 
 def test_an_output_never_overwrites_an_input(inputs, capsys):
     before = inputs["good.csv"].read_bytes()
     for flag in ("--json", "--csv", "--latex"):
-        _error(["nearid-bench", "--sims", inputs["good.csv"], flag, inputs["good.csv"]], capsys)
+        eval_usage_error(["nearid-bench", "--sims", inputs["good.csv"], flag, inputs["good.csv"]], capsys)
     assert inputs["good.csv"].read_bytes() == before
 
 
