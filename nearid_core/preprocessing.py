@@ -17,6 +17,7 @@ Accepted image inputs (alone or in a list, mixed freely):
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import math
@@ -486,14 +487,13 @@ def iter_images(images: Images, layout: str | None = None) -> Iterator[torch.Ten
             )
 
 
+def stack_equal_shapes(images: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Stack consecutive [3, H, W] images of equal shape into [n, 3, H, W] batches, in order."""
+    for _, run in itertools.groupby(images, key=lambda image: image.shape):
+        yield torch.stack(list(run))
+
+
 def preprocess_images(images: Sequence[torch.Tensor], config: PreprocessConfig) -> torch.Tensor:
     """Apply `preprocess` to [3, H, W] images of possibly different sizes -> [N, 3, h, w]."""
-    out: list[torch.Tensor] = []
-    start = 0
-    while start < len(images):  # resize runs of equal-sized images together
-        end = start + 1
-        while end < len(images) and images[end].shape == images[start].shape:
-            end += 1
-        out.append(preprocess(torch.stack(list(images[start:end])), config))
-        start = end
+    out = [preprocess(run, config) for run in stack_equal_shapes(images)]  # equal-sized runs resize together
     return torch.cat(out) if len(out) > 1 else out[0]

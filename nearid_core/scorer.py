@@ -34,6 +34,7 @@ from .preprocessing import (
     preprocess,
     preprocess_images,
     resize,
+    stack_equal_shapes,
 )
 
 logger = logging.getLogger(__name__)
@@ -282,13 +283,8 @@ class NearIDScorer:
                         raise ImageInputError(error)
                 skipped += [(path, error) for path, _, error in batch if error is not None]
                 good = [(path, pixels) for path, pixels, error in batch if error is None]
-                start = 0
-                while start < len(good):  # equal-sized runs (all of them, unless the checkpoint skips resizing)
-                    end = start + 1
-                    while end < len(good) and good[end][1].shape == good[start][1].shape:
-                        end += 1
-                    rows.append(self.embed_pixels(torch.stack([px for _, px in good[start:end]])))
-                    start = end
+                # one run per batch, unless the checkpoint skips resizing
+                rows += [self.embed_pixels(run) for run in stack_equal_shapes([px for _, px in good])]
                 kept += [path for path, _ in good]
                 bar.update(len(batch))
         embeddings = torch.cat(rows) if rows else torch.empty(0, self.embed_dim, device=self.device)
