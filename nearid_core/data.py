@@ -28,9 +28,11 @@ Images may be ``.png``, ``.jpg``, ``.jpeg`` or ``.webp``. Only views 1-3 are rea
 
 HUB DATASETS: ``Aleksandar/NearID`` (split ``train``, 19,386 rows; columns ``id``, ``category``, ``images1..3``,
 ``masks1..3``, ``n_images``) joined row by row with the distractor datasets ``Aleksandar/NearID-<Source>`` (same rows,
-same order; columns ``nimg1..3``). As in the reference ``sim_test.py``, every present image is used: ``n_images`` is
-kept on the record (:attr:`NearIDRecord.n_images`) and a row whose ``n_images`` disagrees with its present views is
-warned about, never trimmed. Benchmark splits are 0-based **row positions** into that ``train`` split
+same order; columns ``nimg1..3``). :class:`HubNearIDRecords` and :class:`HubMTGRecords` are the one reader of these
+schemas, for the benchmarks (decoded PIL cells) and training (unread :class:`~nearid_core.feature_cache.HubImage`
+cells) alike. As in the reference ``sim_test.py``, every present image is used: ``n_images`` is kept on the record
+(:attr:`NearIDRecord.n_images`) and a row whose ``n_images`` disagrees with its present views is warned about, never
+trimmed. Benchmark splits are 0-based **row positions** into that ``train`` split
 (``splits/test.json`` of the reference repository: a list or ``{"indices": [...]}``), applied unchanged to every
 distractor dataset. MTG: ``abdo-eldesokey/mtg-dataset`` (split ``test`` = 100 samples).
 
@@ -52,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from . import preprocessing
+from .feature_cache import HubImage
 from .preprocessing import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -362,10 +365,61 @@ def _columns(ds: Any) -> list[str]:
     return list(ds.column_names)
 
 
-class HFNearIDRecords(Sequence[NearIDRecord]):
-    """Lazy, indexable NearID records over a positives dataset joined row by row with distractor datasets.
+def _column(ds: Any, name: str) -> list | None:
+    """The values of a non-image column, or None when the dataset lacks it."""
+    return list(ds.select_columns([name])[name]) if name in _columns(ds) else None
 
-    Rows are decoded on access (``records[k]``), so iterating does not hold every image in memory.
+
+def _present(ds: Any, column: str) -> np.ndarray:
+    """[len(ds)] bool: which cells of an image column are non-empty, from the Arrow validity bitmap (no image read)."""
+    if getattr(ds, "_indices", None) is None:
+        try:
+            return ~np.asarray(ds.data.column(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        except Exception:  # pragma: no cover - exotic table types
+            pass
+    column_ds = ds.select_columns([column])
+    return np.array([column_ds[i][column] is not None for i in range(len(ds))], dtype=bool)
+
+
+def _undecoded(ds: Any, columns: Sequence[str]) -> Any:
+    import datasets
+
+    for c in columns:
+        if c in ds.column_names and isinstance(ds.features[c], datasets.Image):
+            ds = ds.cast_column(c, datasets.Image(decode=False))
+    return ds
+
+
+class _ImageColumns:
+    """Image columns of one hub dataset, read one cell at a time.
+
+    A cell is a PIL image decoded by ``datasets`` (``decode=True``) or a lazy, unread
+    :class:`~nearid_core.feature_cache.HubImage` (``decode=False``); an empty cell is None either way (known from the
+    Arrow validity bitmap, without reading the image).
+    """
+
+    def __init__(self, ds: Any, columns: Sequence[str], decode: bool) -> None:
+        raw = _undecoded(ds, columns)
+        self.fingerprint = str(getattr(raw, "_fingerprint", None) or f"id{id(raw)}")
+        self.columns = [c for c in columns if c in _columns(ds)]
+        self._cells = {c: (ds if decode else raw).select_columns([c]) for c in self.columns}
+        self._present = {c: _present(raw, c) for c in self.columns}
+        self._decode = decode
+
+    def cell(self, column: str, row: int) -> Any:
+        if column not in self._cells or not self._present[column][row]:
+            return None
+        if self._decode:
+            return self._cells[column][row][column]
+        return HubImage(self._cells[column], self.fingerprint, int(row), column)
+
+
+class HubNearIDRecords(Sequence[NearIDRecord]):
+    """NearID records over a positives dataset joined row by row with distractor datasets: the one reader of the hub
+    schema, shared by the benchmarks and training.
+
+    Lazy: ``records[k]`` reads only row ``k``. Every present view is used; a row whose declared ``n_images`` disagrees
+    is kept as it is (:attr:`NearIDRecord.n_images_disagrees`) and the first such row is logged.
     """
 
     def __init__(
@@ -374,6 +428,7 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
         distractors: Mapping[str, Any],
         indices: Sequence[int] | None = None,
         with_masks: bool = True,
+        decode: bool = True,
     ) -> None:
         """
         Args:
@@ -381,7 +436,9 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
                 ``n_images`` when available).
             distractors: source tag -> ``datasets.Dataset`` with ``nimg1..3``, same rows in the same order.
             indices: 0-based row positions to keep (None = all rows).
-            with_masks: decode ``masks1..3`` too (needed for ``fg`` masking).
+            with_masks: also read ``masks1..3`` (needed for ``fg`` masking).
+            decode: cells as PIL images (what the benchmarks read) or as unread
+                :class:`~nearid_core.feature_cache.HubImage` references (what the training feature cache keys).
 
         Raises:
             DatasetLayoutError: missing columns, datasets of different lengths, or ``id`` columns that disagree.
@@ -391,13 +448,13 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
         image_cols = [f"images{j + 1}" for j in range(MAX_VIEWS)]
         if not any(c in cols for c in image_cols):
             raise DatasetLayoutError(f"positives dataset has none of the columns {image_cols}; columns: {cols}")
-        keep = [c for c in ("id", "category", "n_images") + tuple(image_cols) if c in cols]
-        if with_masks:
-            keep += [c for c in (f"masks{j + 1}" for j in range(MAX_VIEWS)) if c in cols]
+        mask_cols = [f"masks{j + 1}" for j in range(MAX_VIEWS)] if with_masks else []
         self.indices = list(range(n_rows)) if indices is None else _check_positions(indices, n_rows, "indices")
-        self._pos = positives.select_columns(keep)
-        pos_ids = list(positives.select_columns(["id"])["id"]) if "id" in cols else None
-        self._neg: dict[str, Any] = {}
+        self._ids = _column(positives, "id")
+        self._categories = _column(positives, "category")
+        self._n_images = _column(positives, "n_images")
+        self._pos = _ImageColumns(positives, image_cols + mask_cols, decode)
+        self._neg: dict[str, _ImageColumns] = {}
         for name, ds in distractors.items():
             ncols = [c for c in (f"nimg{j + 1}" for j in range(MAX_VIEWS)) if c in _columns(ds)]
             if not ncols:
@@ -407,20 +464,23 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
                     f"distractor dataset {name!r} has {len(ds)} rows but the positives have {n_rows}; they must be "
                     "row-aligned (same rows, same order)"
                 )
-            if pos_ids is not None and "id" in _columns(ds):
-                neg_ids = list(ds.select_columns(["id"])["id"])
-                for i in self.indices:
-                    if neg_ids[i] != pos_ids[i]:
-                        raise DatasetLayoutError(
-                            f"distractor dataset {name!r} is not row-aligned with the positives: row {i} has id "
-                            f"{neg_ids[i]!r} there but {pos_ids[i]!r} in the positives"
-                        )
-            self._neg[name] = ds.select_columns(ncols)
+            neg_ids = _column(ds, "id") if self._ids is not None else None
+            wrong = next((i for i in self.indices if neg_ids[i] != self._ids[i]), None) if neg_ids else None
+            if wrong is not None:
+                raise DatasetLayoutError(
+                    f"distractor dataset {name!r} is not row-aligned with the positives: row {wrong} has id "
+                    f"{neg_ids[wrong]!r} there but {self._ids[wrong]!r} in the positives"
+                )
+            self._neg[name] = _ImageColumns(ds, ncols, decode)
         self._warned_n_images = False
 
     @property
     def sources(self) -> list[str]:
         return list(self._neg)
+
+    def identity_ids(self) -> list[str]:
+        """Identity ids of the kept rows (the ``id`` column, else the row position)."""
+        return [str(self._ids[i] if self._ids is not None else i) for i in self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -428,28 +488,29 @@ class HFNearIDRecords(Sequence[NearIDRecord]):
     def __getitem__(self, k):  # type: ignore[override]
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        row_index = self.indices[k]
-        row = self._pos[row_index]
-        n_images = row.get("n_images")
-        views = [row.get(f"images{j + 1}") for j in range(MAX_VIEWS)]
-        masks = [row.get(f"masks{j + 1}") for j in range(MAX_VIEWS)]
-        distractors = {}
-        for name, ds in self._neg.items():
-            nrow = ds[row_index]
-            distractors[name] = [nrow.get(f"nimg{j + 1}") for j in range(MAX_VIEWS)]
-        identity = row.get("id", row_index)
+        row = self.indices[k]
+        views = [self._pos.cell(f"images{j + 1}", row) for j in range(MAX_VIEWS)]
+        masks = [self._pos.cell(f"masks{j + 1}", row) for j in range(MAX_VIEWS)]
+        distractors = {s: [cols.cell(f"nimg{j + 1}", row) for j in range(MAX_VIEWS)] for s, cols in self._neg.items()}
+        identity = self._ids[row] if self._ids is not None else row
+        category = self._categories[row] if self._categories is not None else None
+        n_images = self._n_images[row] if self._n_images is not None else None
         declared = int(n_images) if isinstance(n_images, (int, np.integer)) else None
-        record = NearIDRecord(str(identity), row.get("category"), views, masks, distractors, row_index, declared)
+        record = NearIDRecord(str(identity), category, views, masks, distractors, row, declared)
         if record.n_images_disagrees and not self._warned_n_images:
             self._warned_n_images = True
             logger.warning("row %d (id %s) declares n_images=%d but has %d views; every present view is used, as the "
-                           "reference does (further rows are counted in the benchmark's data report, not logged)",
-                           row_index, identity, declared, record.n_views)
+                           "reference does (further rows are not logged; the benchmark's data report counts them)",
+                           row, identity, declared, record.n_views)
         return record
 
     def __iter__(self) -> Iterator[NearIDRecord]:
         for k in range(len(self)):
             yield self[k]
+
+
+#: The eval name of :class:`HubNearIDRecords`.
+HFNearIDRecords = HubNearIDRecords
 
 
 def load_hub_dataset(repo: str, split: str, cache_dir: str | None) -> Any:
@@ -472,7 +533,8 @@ def load_hf_nearid(
     hf_split: str = "train",
     cache_dir: str | None = None,
     with_masks: bool = True,
-) -> HFNearIDRecords:
+    decode: bool = True,
+) -> HubNearIDRecords:
     """NearID-Bench records from the hub: ``Aleksandar/NearID`` joined with ``Aleksandar/NearID-<Source>``.
 
     Args:
@@ -483,7 +545,8 @@ def load_hf_nearid(
         repo: positives dataset id.
         hf_split: the hub split holding all rows (``train``).
         cache_dir: ``datasets`` cache folder.
-        with_masks: also decode ``masks1..3``.
+        with_masks: also read ``masks1..3``.
+        decode: see :class:`HubNearIDRecords`.
 
     Raises:
         DatasetLayoutError: no way to select ``split`` (no ``indices`` and no ``split`` column), misaligned datasets.
@@ -494,7 +557,7 @@ def load_hf_nearid(
     elif split is None or split == "all":
         rows = None
     elif "split" in _columns(positives):
-        labels = list(positives.select_columns(["split"])["split"])
+        labels = _column(positives, "split")
         rows = [i for i, s in enumerate(labels) if s == split]
         if not rows:
             raise DatasetLayoutError(f"no row of {repo} has split == {split!r}; values: {sorted(set(labels))}")
@@ -507,35 +570,35 @@ def load_hf_nearid(
     for name in sources:
         tag, dataset_id = hf_source_repo(name)
         negatives[tag] = load_hub_dataset(dataset_id, hf_split, cache_dir)
-    return HFNearIDRecords(positives, negatives, rows, with_masks=with_masks)
+    return HubNearIDRecords(positives, negatives, rows, with_masks=with_masks, decode=decode)
 
 
-class HFMTGRecords(Sequence[MTGRecord]):
-    """Lazy MTG records over a ``datasets.Dataset`` with the MTG columns (see module docstring)."""
+class HubMTGRecords(Sequence[MTGRecord]):
+    """Lazy MTG records over a ``datasets.Dataset`` with the MTG columns (see module docstring); ``decode`` as in
+    :class:`HubNearIDRecords`."""
 
-    def __init__(self, dataset: Any) -> None:
-        cols = _columns(dataset)
-        missing = [c for c in _MTG_IMAGES[:2] if c not in cols]
+    def __init__(self, dataset: Any, decode: bool = True) -> None:
+        missing = [c for c in _MTG_IMAGES[:2] if c not in _columns(dataset)]
         if missing:
-            raise DatasetLayoutError(f"MTG dataset lacks columns {missing}; columns: {cols}")
-        self._ds = dataset
-        self._cols = cols
+            raise DatasetLayoutError(f"MTG dataset lacks columns {missing}; columns: {_columns(dataset)}")
+        self._n = len(dataset)
+        self._cols = _ImageColumns(dataset, _MTG_IMAGES + _MTG_MASKS, decode)
+        self._ids = _column(dataset, "id") or _column(dataset, "sample_id")
 
     def __len__(self) -> int:
-        return len(self._ds)
+        return self._n
 
     def __getitem__(self, k):  # type: ignore[override]
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        row = self._ds[k]
-        get = row.get
-        sample_id = str(get("id", get("sample_id", k)))
+        row = range(self._n)[k]
+        c = self._cols.cell
         return MTGRecord(
-            sample_id,
-            (get("image_1_original"), get("image_2_original")),
-            (get("image_1_inpainted"), get("image_2_inpainted")),
-            (get("image_1_object_mask"), get("image_2_object_mask")),
-            (get("image_1_part_mask"), get("image_2_part_mask")),
+            str(self._ids[row] if self._ids is not None else row),
+            (c("image_1_original", row), c("image_2_original", row)),
+            (c("image_1_inpainted", row), c("image_2_inpainted", row)),
+            (c("image_1_object_mask", row), c("image_2_object_mask", row)),
+            (c("image_1_part_mask", row), c("image_2_part_mask", row)),
         )
 
     def __iter__(self) -> Iterator[MTGRecord]:
@@ -543,9 +606,14 @@ class HFMTGRecords(Sequence[MTGRecord]):
             yield self[k]
 
 
-def load_hf_mtg(split: str = "test", repo: str = MTG_REPO, cache_dir: str | None = None) -> HFMTGRecords:
-    """MTG records from the hub dataset (default the 100-sample ``test`` split)."""
-    return HFMTGRecords(load_hub_dataset(repo, split, cache_dir))
+#: The eval name of :class:`HubMTGRecords`.
+HFMTGRecords = HubMTGRecords
+
+
+def load_hf_mtg(split: str = "test", repo: str = MTG_REPO, cache_dir: str | None = None,
+                decode: bool = True) -> HubMTGRecords:
+    """MTG records from the hub dataset (default the 100-sample ``test`` split; ``train`` for training)."""
+    return HubMTGRecords(load_hub_dataset(repo, split, cache_dir), decode=decode)
 
 
 # --------------------------------------------------------------------------------------------------------------------

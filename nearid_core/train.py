@@ -36,6 +36,7 @@ without a validation split, trains with a warning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -466,18 +467,10 @@ class TrainEmbedder:
         images = list(images)
         for start in range(0, len(images), batch_size):
             tokens = self._tokens(images[start : start + batch_size]).to(self.device)
-            with self.autocast() if self.autocast is not None else _nullcontext():
+            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
                 pooled = self.model.pool(tokens.to(self.model.head.probe.dtype))[0]
             out.append(F.normalize(pooled.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.vision_config.hidden_size)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def validate(embedder: TrainEmbedder, records: Sequence[Any], sources: Sequence[str], batch_size: int = 32):
@@ -764,19 +757,57 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train (or, with ``--export-only``, export) the NearID head; returns a process exit code (0). Errors are raised
-    (:func:`cli` turns them into messages)."""
-    args = parse_args(argv)
-    _setup_logging()
+@dataclass
+class TrainRun:
+    """Everything the steps of :func:`main` share; each step fills in its part."""
+
+    args: argparse.Namespace
+    output_dir: Path
+    accelerator: Any
+    cuda: bool
+    backbone_dtype: torch.dtype
+    cache_dtype: str
+    resume_path: Path | None
+    data: TrainingData | None = None
+    model: nn.Module | None = None
+    preprocess: PreprocessConfig | None = None
+    encode: Any = None
+    pad_tokens: torch.Tensor | None = None
+    cache: FeatureCache | None = None
+    train_set: JointTrainSet | None = None
+    collate: Any = None
+    sampler: EpochSampler | None = None
+    total_steps: int = 0
+    head: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    data_signature: dict[str, Any] = field(default_factory=dict)
+    global_step: int = 0
+    train_log: CsvLog | None = None
+    val_log: CsvLog | None = None
+    embedder: TrainEmbedder | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    started: float = 0.0
+    last_loss: float = float("nan")
+    saved_at: int = -1
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def start_run(args: argparse.Namespace) -> TrainRun:
+    """Writable output folders, the accelerator, the seed, stale save folders removed, the checkpoint to resume."""
     output_dir = Path(args.output_dir)
     _writable_dir(output_dir, "--output-dir")
     if args.cache_dir and not (args.augment or args.no_cache or args.export_only):
         _writable_dir(Path(args.cache_dir), "--cache-dir")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from transformers import get_cosine_schedule_with_warmup
 
     cuda = torch.cuda.is_available() and not args.cpu
     mixed, backbone_dtype, cache_dtype = _resolve_dtypes(args, cuda)
@@ -789,186 +820,251 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_only and resume_path is None:
         raise ValueError(f"--export-only: there is no checkpoint in {output_dir} to export; pass --resume "
                          "CHECKPOINT_DIR")
-    device = accelerator.device
-    main_process = accelerator.is_main_process
+    return TrainRun(args, output_dir, accelerator, cuda, backbone_dtype, cache_dtype, resume_path)
 
-    # ---- data first: a bad split is refused before anything heavy is loaded
-    data = None if args.export_only else build_data(args)
 
-    # ---- model: frozen trunk in backbone dtype, fp32 master weights for the head
-    model, model_dir = load_model(args.model, dtype=backbone_dtype)
-    model.config.backbone_name_or_path = _model_id(args.model)
-    model.to(device)
+def load_trunk(run: TrainRun) -> None:
+    """The model: frozen trunk in the backbone dtype on the device, fp32 master weights for the head."""
+    model, model_dir = load_model(run.args.model, dtype=run.backbone_dtype)
+    model.config.backbone_name_or_path = _model_id(run.args.model)
+    model.to(run.device)
     model.freeze_backbone()
     model.head.float()
-    preprocess = load_preprocess_config(model_dir, image_size=model.config.vision_config.image_size)
-    export_dtype = DTYPES[args.export_dtype]
+    run.model = model
+    run.preprocess = load_preprocess_config(model_dir, image_size=model.config.vision_config.image_size)
 
-    if args.export_only:
-        load_checkpoint(resume_path, head=model.head, restore_rng=False)
-        if main_process:
-            exports = export_model(model, output_dir, args.export, export_dtype, preprocess)
-            logger.info("exported %s from %s", exports, resume_path)
-        return 0
 
-    encode = token_encoder(model, preprocess, device)
+def export_checkpoint(run: TrainRun) -> None:
+    """``--export-only``: load the resumed checkpoint's head and write the exports."""
+    load_checkpoint(run.resume_path, head=run.model.head, restore_rng=False)
+    if run.main_process:
+        exports = export_model(run.model, run.output_dir, run.args.export, DTYPES[run.args.export_dtype],
+                               run.preprocess)
+        logger.info("exported %s from %s", exports, run.resume_path)
+
+
+def prepare_inputs(run: TrainRun) -> None:
+    """The training samples and their collation: tokens from the filled feature cache, or pixels encoded on the fly
+    (``--augment`` / ``--no-cache``)."""
+    args, data, model = run.args, run.data, run.model
+    run.encode = token_encoder(model, run.preprocess, run.device)
     with torch.no_grad():
-        size = preprocess.size
-        pad_tokens = model.encode_tokens(torch.zeros(1, 3, *size, device=device, dtype=backbone_dtype))[0]
-    use_cache = not (args.augment or args.no_cache)
-    cache: FeatureCache | None = None
-    if use_cache:
-        cache = FeatureCache.for_model(args.cache_dir or output_dir / "feature_cache", model, preprocess,
-                                       dtype=cache_dtype, shard_size=args.cache_shard_size,
-                                       writer=f"r{accelerator.process_index}")
-        refs_by_key: dict[str, Any] = {}
-        progress = accelerator.is_local_main_process
-        nearid_keyed = _keyed(data.nearid, cache, refs_by_key, progress)
-        mtg_keyed = _keyed(data.mtg, cache, refs_by_key, progress) if data.mtg is not None else None
-        t0 = time.perf_counter()
-        added = _fill_cache(cache, refs_by_key, encode, accelerator, args.encode_batch_size)
-        if data.val is not None and main_process:  # validation runs on the main process only
-            added += _fill_streaming(cache, record_refs(data.val), encode, args.encode_batch_size)
-        logger.info("feature cache %s: %d entries (%d new, %.1f s), %.2f MB per image", cache.directory, len(cache),
-                    added, time.perf_counter() - t0, cache.bytes_per_entry / 1e6)
-        train_set = _train_set(data, nearid_keyed, mtg_keyed, args)
-        collate = TokenCollate(cache, pad_tokens)
-    else:
-        train_set = _train_set(data, data.nearid, data.mtg, args)
-        collate = PixelCollate(preprocess, AugmentConfig() if args.augment else None, seed=args.seed)
+        zeros = torch.zeros(1, 3, *run.preprocess.size, device=run.device, dtype=run.backbone_dtype)
+        run.pad_tokens = model.encode_tokens(zeros)[0]
+    if args.augment or args.no_cache:
+        run.train_set = _train_set(data, data.nearid, data.mtg, args)
+        run.collate = PixelCollate(run.preprocess, AugmentConfig() if args.augment else None, seed=args.seed)
+        return
+    accelerator = run.accelerator
+    cache = FeatureCache.for_model(args.cache_dir or run.output_dir / "feature_cache", model, run.preprocess,
+                                   dtype=run.cache_dtype, shard_size=args.cache_shard_size,
+                                   writer=f"r{accelerator.process_index}")
+    refs_by_key: dict[str, Any] = {}
+    progress = accelerator.is_local_main_process
+    nearid_keyed = _keyed(data.nearid, cache, refs_by_key, progress)
+    mtg_keyed = _keyed(data.mtg, cache, refs_by_key, progress) if data.mtg is not None else None
+    t0 = time.perf_counter()
+    added = _fill_cache(cache, refs_by_key, run.encode, accelerator, args.encode_batch_size)
+    if data.val is not None and run.main_process:  # validation runs on the main process only
+        added += _fill_streaming(cache, record_refs(data.val), run.encode, args.encode_batch_size)
+    logger.info("feature cache %s: %d entries (%d new, %.1f s), %.2f MB per image", cache.directory, len(cache),
+                added, time.perf_counter() - t0, cache.bytes_per_entry / 1e6)
+    run.cache = cache
+    run.train_set = _train_set(data, nearid_keyed, mtg_keyed, args)
+    run.collate = TokenCollate(cache, run.pad_tokens)
 
-    # ---- order, optimiser, schedule
+
+def prepare_optimisation(run: TrainRun) -> None:
+    """Data order, AdamW, warmup + cosine schedule, and the signature a resumed run must match."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    args, accelerator, train_set = run.args, run.accelerator, run.train_set
     sampler = EpochSampler(len(train_set), args.batch_size, args.epochs, seed=args.seed,
                            num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    total_steps = args.max_steps or sampler.total_steps
-    sampler.epochs = max(sampler.epochs, math.ceil(total_steps / sampler.steps_per_epoch))
+    run.total_steps = args.max_steps or sampler.total_steps
+    sampler.epochs = max(sampler.epochs, math.ceil(run.total_steps / sampler.steps_per_epoch))
+    run.sampler = sampler
     _warn_if_small(train_set, args.batch_size)
-    head = HeadModule(model)
+    head = HeadModule(run.model)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    data_signature = {"n_samples": len(train_set), "n_nearid": train_set.n_nearid, "n_mtg": train_set.n_mtg,
-                      "mtg_repeat": train_set.mtg_repeat, "sources": data.sources, "total_steps": total_steps}
-    global_step = 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, head=model.head, optimizer=optimizer, scheduler=scheduler,
-                                scaler=accelerator.scaler)
-        changed = {k: (state["data"].get(k), v) for k, v in data_signature.items() if state["data"].get(k) != v}
-        if changed:
-            raise ValueError(f"cannot resume from {resume_path}: the data / schedule differ from the checkpoint's "
-                             f"(checkpoint, now): {changed}")
-        sampler.load_state_dict(state["sampler"])
-        global_step = int(state["global_step"])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, sampler.epoch,
-                    sampler.batch)
+    run.scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, run.total_steps)
+    run.head, run.optimizer = accelerator.prepare(head, optimizer)
+    run.data_signature = {"n_samples": len(train_set), "n_nearid": train_set.n_nearid, "n_mtg": train_set.n_mtg,
+                          "mtg_repeat": train_set.mtg_repeat, "sources": run.data.sources,
+                          "total_steps": run.total_steps}
 
-    train_log = CsvLog(output_dir / "train_log.csv", TRAIN_LOG_FIELDS, keep_until_step=global_step) \
-        if main_process else None
-    run_validation = data.val is not None
-    val_log = CsvLog(output_dir / "val_log.csv", VAL_LOG_FIELDS, keep_until_step=global_step) \
-        if main_process and run_validation else None
-    eval_steps = args.eval_steps or args.checkpointing_steps
-    embedder = TrainEmbedder(model, encode, cache, device, accelerator.autocast, _model_id(args.model))
+
+def resume_training(run: TrainRun) -> None:
+    """Restore head, optimizer, schedule, scaler, RNG and data position from ``--resume`` (if any), refusing a
+    checkpoint whose data or schedule differ."""
+    if run.resume_path is None:
+        return
+    state = load_checkpoint(run.resume_path, head=run.model.head, optimizer=run.optimizer, scheduler=run.scheduler,
+                            scaler=run.accelerator.scaler)
+    changed = {k: (state["data"].get(k), v) for k, v in run.data_signature.items() if state["data"].get(k) != v}
+    if changed:
+        raise ValueError(f"cannot resume from {run.resume_path}: the data / schedule differ from the checkpoint's "
+                         f"(checkpoint, now): {changed}")
+    run.sampler.load_state_dict(state["sampler"])
+    run.global_step = int(state["global_step"])
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", run.resume_path, run.global_step,
+                run.sampler.epoch, run.sampler.batch)
+
+
+def open_logs(run: TrainRun) -> None:
+    """CSV logs (kept up to the resumed step), the validation embedder and the trackers."""
+    args = run.args
+    if run.main_process:
+        run.train_log = CsvLog(run.output_dir / "train_log.csv", TRAIN_LOG_FIELDS, keep_until_step=run.global_step)
+        if run.data.val is not None:
+            run.val_log = CsvLog(run.output_dir / "val_log.csv", VAL_LOG_FIELDS, keep_until_step=run.global_step)
+    run.embedder = TrainEmbedder(run.model, run.encode, run.cache, run.device, run.accelerator.autocast,
+                                 _model_id(args.model))
     if args.trackers:
-        accelerator.init_trackers(args.project_name, config=_tracker_config(args))
-    history: list[dict[str, Any]] = []
+        run.accelerator.init_trackers(args.project_name, config=_tracker_config(args))
 
-    def do_validation(step: int) -> None:
-        if run_validation and main_process:
-            history.append(_val_log(val_log, accelerator, validate(embedder, data.val, data.val_sources,
-                                                                   args.eval_batch_size), step))
-        accelerator.wait_for_everyone()
 
-    def do_checkpoint(step: int) -> Path | None:
-        path = None
-        if main_process:
-            path = save_checkpoint(
-                output_dir, step, head_state=model.head.state_dict(), optimizer=optimizer, scheduler=scheduler,
-                scaler=accelerator.scaler, total_limit=args.checkpoints_total_limit,
-                trainer_state={"sampler": sampler.state_dict(), "data": data_signature,
-                               "args": _tracker_config(args)},
-            )
-            logger.info("saved %s", path)
-        accelerator.wait_for_everyone()
-        return path
+def _validate_now(run: TrainRun, step: int) -> None:
+    if run.data.val is not None and run.main_process:
+        result = validate(run.embedder, run.data.val, run.data.val_sources, run.args.eval_batch_size)
+        run.history.append(_val_log(run.val_log, run.accelerator, result, step))
+    run.accelerator.wait_for_everyone()
 
-    if global_step == 0:
-        do_validation(0)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
-                        pin_memory=cuda, persistent_workers=False)
-    head.train()
-    start, last_loss, interrupted, saved_at = time.perf_counter(), float("nan"), False, -1
-    params = [p for p in head.parameters() if p.requires_grad]
+
+def _checkpoint_now(run: TrainRun) -> None:
+    if run.main_process:
+        path = save_checkpoint(
+            run.output_dir, run.global_step, head_state=run.model.head.state_dict(), optimizer=run.optimizer,
+            scheduler=run.scheduler, scaler=run.accelerator.scaler, total_limit=run.args.checkpoints_total_limit,
+            trainer_state={"sampler": run.sampler.state_dict(), "data": run.data_signature,
+                           "args": _tracker_config(run.args)},
+        )
+        logger.info("saved %s", path)
+    run.accelerator.wait_for_everyone()
+    run.saved_at = run.global_step
+
+
+def training_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, Any]:
+    """One optimizer step on one batch (cached tokens, or pixels encoded here); returns its train-log row."""
+    args, accelerator, device = run.args, run.accelerator, run.device
+    epoch = run.sampler.epoch
+    pos_mask, neg_mask = batch["pos_mask"].to(device), batch["neg_mask"].to(device)
+    if "tokens" in batch:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+    else:
+        tokens = run.pad_tokens.expand(batch["present"].shape[0], *run.pad_tokens.shape).clone()
+        if batch["pixels"].numel():
+            with torch.no_grad():
+                tokens[batch["present"].to(device)] = run.model.encode_tokens(
+                    batch["pixels"].to(device, run.backbone_dtype, non_blocking=True))
+    out = batch_loss(run.head, tokens, pos_mask, neg_mask, args.temperature, args.alpha)
+    accelerator.backward(out.loss)
+    grad_norm = accelerator.clip_grad_norm_([p for p in run.head.parameters() if p.requires_grad],
+                                            args.max_grad_norm)
+    run.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.sampler.advance()
+    run.global_step += 1
+    run.last_loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
+    return {"step": run.global_step, "epoch": epoch, "loss": run.last_loss, "tier1": out.metrics["tier1"],
+            "tier2": out.metrics["tier2"], "top1_acc": out.metrics["top1_acc"], "tier_acc": out.metrics["tier_acc"],
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "elapsed_s": round(time.perf_counter() - run.started, 3)}
+
+
+def log_step(run: TrainRun, row: dict[str, Any]) -> None:
+    """The step's row to ``train_log.csv``, and every ``--log-every`` steps to the trackers and the log."""
+    if run.train_log is not None:
+        run.train_log.write(row)
+    if run.global_step % run.args.log_every == 0 or run.global_step == run.total_steps:
+        run.accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "elapsed_s")},
+                            step=run.global_step)
+        logger.info("step %d/%d loss %.4f lr %.2e", run.global_step, run.total_steps, row["loss"], row["lr"])
+
+
+def train_loop(run: TrainRun) -> bool:
+    """Validate a fresh run at step 0, then train to the last step (or ``--stop-after-steps``), checkpointing and
+    validating on schedule; a Ctrl-C saves a checkpoint first. Returns whether the run reached its last step."""
+    from torch.utils.data import DataLoader
+
+    args = run.args
+    stop_at = args.stop_after_steps
+    eval_steps = args.eval_steps or args.checkpointing_steps
+    if run.global_step == 0:
+        _validate_now(run, 0)
+    loader = DataLoader(run.train_set, batch_sampler=run.sampler, collate_fn=run.collate,
+                        num_workers=args.num_workers, pin_memory=run.cuda, persistent_workers=False)
+    run.head.train()
+    run.started = time.perf_counter()
+    interrupted = False
     try:
         for batch in loader:
-            if global_step >= total_steps:
+            if run.global_step >= run.total_steps:
                 break
-            if args.stop_after_steps is not None and global_step >= args.stop_after_steps:
+            if stop_at is not None and run.global_step >= stop_at:
                 interrupted = True  # resumed at or past the stop step: nothing to do in this slice
                 break
-            epoch = sampler.epoch
-            pos_mask, neg_mask = batch["pos_mask"].to(device), batch["neg_mask"].to(device)
-            if "tokens" in batch:
-                tokens = batch["tokens"].to(device, non_blocking=True)
-            else:
-                tokens = pad_tokens.expand(batch["present"].shape[0], *pad_tokens.shape).clone()
-                if batch["pixels"].numel():
-                    with torch.no_grad():
-                        tokens[batch["present"].to(device)] = model.encode_tokens(
-                            batch["pixels"].to(device, backbone_dtype, non_blocking=True))
-            out = batch_loss(head, tokens, pos_mask, neg_mask, args.temperature, args.alpha)
-            accelerator.backward(out.loss)
-            grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sampler.advance()
-            global_step += 1
-            loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
-            last_loss = loss
-            row = {"step": global_step, "epoch": epoch, "loss": loss, "tier1": out.metrics["tier1"],
-                   "tier2": out.metrics["tier2"], "top1_acc": out.metrics["top1_acc"],
-                   "tier_acc": out.metrics["tier_acc"], "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "elapsed_s": round(time.perf_counter() - start, 3)}
-            if train_log is not None:
-                train_log.write(row)
-            if global_step % args.log_every == 0 or global_step == total_steps:
-                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "elapsed_s")},
-                                step=global_step)
-                logger.info("step %d/%d loss %.4f lr %.2e", global_step, total_steps, loss, row["lr"])
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                do_checkpoint(global_step)
-                saved_at = global_step
-            if run_validation and global_step % eval_steps == 0 and global_step != total_steps:
-                do_validation(global_step)
-            if args.stop_after_steps is not None and global_step >= args.stop_after_steps:
+            log_step(run, training_step(run, batch))
+            step = run.global_step
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                _checkpoint_now(run)
+            if run.data.val is not None and step % eval_steps == 0 and step != run.total_steps:
+                _validate_now(run, step)
+            if stop_at is not None and step >= stop_at:
                 interrupted = True
                 break
     except KeyboardInterrupt:
-        logger.warning("interrupted at step %d: saving a checkpoint", global_step)
-        if global_step > 0 and saved_at != global_step:
-            do_checkpoint(global_step)
+        logger.warning("interrupted at step %d: saving a checkpoint", run.global_step)
+        if run.global_step > 0 and run.saved_at != run.global_step:
+            _checkpoint_now(run)
         raise
-    if saved_at != global_step and global_step > 0:
-        do_checkpoint(global_step)
-    finished = global_step >= total_steps and not interrupted
+    if run.saved_at != run.global_step and run.global_step > 0:
+        _checkpoint_now(run)
+    return run.global_step >= run.total_steps and not interrupted
+
+
+def finish(run: TrainRun, finished: bool) -> None:
+    """A finished run: final validation and exports. Every run: ``train_summary.json`` and the trackers closed."""
     exports: dict[str, str] = {}
     if finished:
-        do_validation(global_step)
-        if main_process and args.export != "none":
-            exports = export_model(model, output_dir, args.export, export_dtype, preprocess)
+        _validate_now(run, run.global_step)
+        if run.main_process and run.args.export != "none":
+            exports = export_model(run.model, run.output_dir, run.args.export, DTYPES[run.args.export_dtype],
+                                   run.preprocess)
             logger.info("exported %s", exports)
-    elapsed = time.perf_counter() - start
-    if main_process:
+    elapsed = time.perf_counter() - run.started
+    if run.main_process:
+        cache = run.cache
         summary = {
-            "global_step": global_step, "total_steps": total_steps, "finished": finished, "last_loss": last_loss,
-            "train_seconds": elapsed, "feature_cache": None if cache is None else {
+            "global_step": run.global_step, "total_steps": run.total_steps, "finished": finished,
+            "last_loss": run.last_loss, "train_seconds": elapsed, "feature_cache": None if cache is None else {
                 "directory": str(cache.directory), "entries": len(cache), "bytes_per_image": cache.bytes_per_entry},
-            "validation": history, "exports": exports, "data": data_signature,
+            "validation": run.history, "exports": exports, "data": run.data_signature,
         }
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    accelerator.end_training()
+        (run.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    run.accelerator.end_training()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or, with ``--export-only``, export) the NearID head; returns a process exit code (0). Errors are raised
+    (:func:`cli` turns them into messages)."""
+    args = parse_args(argv)
+    _setup_logging()
+    run = start_run(args)
+    if args.export_only:
+        load_trunk(run)
+        export_checkpoint(run)
+        return 0
+    run.data = build_data(args)  # data first: a bad split is refused before anything heavy is loaded
+    load_trunk(run)
+    prepare_inputs(run)
+    prepare_optimisation(run)
+    resume_training(run)
+    open_logs(run)
+    finished = train_loop(run)
+    finish(run, finished)
     return 0
 
 

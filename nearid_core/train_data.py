@@ -1,10 +1,11 @@
 """Training-side data: the paper's sample assembly (reference section 3.4-3.6), a resumable sampler, batch collation
 from cached tokens or pixels, augmentation, lazy hub records and the train/test overlap check.
 
-Records come from :mod:`nearid_core.data` (local folder layout, MTG folders) or, for the hub, from
-:func:`load_hub_nearid_training` / :func:`load_hub_mtg_training` here, which keep every image **undecoded and
-unread** (:class:`~nearid_core.feature_cache.HubImage`) until it is needed: the feature cache keys images by their
-encoded bytes, and a training epoch over cached tokens never decodes an image. A record slot holds an image
+Records come from :mod:`nearid_core.data`: the local folder layout, MTG folders, or the hub through the same reader
+the benchmarks use (:class:`~nearid_core.data.HubNearIDRecords`, re-exported here). :func:`load_hub_nearid_training`
+/ :func:`load_hub_mtg_training` ask it to keep every image **undecoded and unread**
+(:class:`~nearid_core.feature_cache.HubImage`) until it is needed: the feature cache keys images by their encoded
+bytes, and a training epoch over cached tokens never decodes an image. A record slot holds an image
 reference, or -- once :func:`keyed_records` has run -- the image's feature-cache key; the assembly below does not
 care which.
 
@@ -40,13 +41,14 @@ from .data import (
     MTG_REPO,
     NEARID_REPO,
     DatasetLayoutError,
+    HubMTGRecords,
+    HubNearIDRecords,
     MTGRecord,
     NearIDRecord,
-    hf_source_repo,
-    load_hub_dataset,
-    load_split_indices,
+    load_hf_mtg,
+    load_hf_nearid,
 )
-from .feature_cache import FeatureCache, HubImage, open_ref
+from .feature_cache import FeatureCache, open_ref
 from .preprocessing import PreprocessConfig, pil_to_tensor, preprocess_images
 
 logger = logging.getLogger(__name__)
@@ -529,147 +531,8 @@ def check_disjoint(train: Sequence[Any], others: Mapping[str, Sequence[Any]], wh
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Hub datasets, lazily and undecoded
+# Hub datasets, lazily and undecoded (through the one hub reader of nearid_core.data)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _fingerprint(ds: Any) -> str:
-    return str(getattr(ds, "_fingerprint", None) or f"id{id(ds)}")
-
-
-def _present(ds: Any, column: str) -> np.ndarray:
-    """[len(ds)] bool: which cells of an image column are non-empty, from the Arrow validity bitmap (no image read)."""
-    if getattr(ds, "_indices", None) is None:
-        try:
-            return ~np.asarray(ds.data.column(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        except Exception:  # pragma: no cover - exotic table types
-            pass
-    column_ds = ds.select_columns([column])
-    return np.array([column_ds[i][column] is not None for i in range(len(ds))], dtype=bool)
-
-
-def _undecoded(ds: Any, columns: Sequence[str]) -> Any:
-    import datasets
-
-    for c in columns:
-        if c in ds.column_names and isinstance(ds.features[c], datasets.Image):
-            ds = ds.cast_column(c, datasets.Image(decode=False))
-    return ds
-
-
-class _HubColumns:
-    """Image columns of one hub dataset as lazy :class:`HubImage` cells + their presence bitmaps."""
-
-    def __init__(self, ds: Any, columns: Sequence[str]) -> None:
-        ds = _undecoded(ds, columns)
-        self.fingerprint = _fingerprint(ds)
-        self.columns = [c for c in columns if c in ds.column_names]
-        self._cells = {c: ds.select_columns([c]) for c in self.columns}
-        self._present = {c: _present(ds, c) for c in self.columns}
-
-    def cell(self, column: str, row: int) -> HubImage | None:
-        if column not in self._cells or not self._present[column][row]:
-            return None
-        return HubImage(self._cells[column], self.fingerprint, int(row), column)
-
-
-class HubNearIDRecords(Sequence[NearIDRecord]):
-    """Training records over ``Aleksandar/NearID`` joined row by row with distractor datasets, without decoding.
-
-    Like :class:`nearid_core.data.HFNearIDRecords` (same columns and alignment checks), but slots hold lazy
-    :class:`~nearid_core.feature_cache.HubImage` references: building a record reads no image.
-
-    Args:
-        positives: ``datasets.Dataset`` with ``images1..3`` (+ ``id``, ``category``, ``n_images`` when present).
-        distractors: source tag -> ``datasets.Dataset`` with ``nimg1..3``, same rows in the same order.
-        indices: row positions to keep (None = every row).
-    """
-
-    def __init__(self, positives: Any, distractors: Mapping[str, Any], indices: Sequence[int] | None = None) -> None:
-        n_rows = len(positives)
-        image_cols = [f"images{j + 1}" for j in range(MAX_VIEWS)]
-        if not any(c in positives.column_names for c in image_cols):
-            raise DatasetLayoutError(f"positives dataset has none of {image_cols}; columns: {positives.column_names}")
-        rows = list(range(n_rows)) if indices is None else [int(i) for i in indices]
-        bad = [i for i in rows if not 0 <= i < n_rows]
-        if bad:
-            raise DatasetLayoutError(f"row positions {bad[:5]} are outside 0..{n_rows - 1}")
-        if len(set(rows)) != len(rows):
-            raise DatasetLayoutError("duplicate row positions in the training indices")
-        self.indices = rows
-        cols = positives.column_names
-        self._ids = list(positives.select_columns(["id"])["id"]) if "id" in cols else None
-        self._categories = list(positives.select_columns(["category"])["category"]) if "category" in cols else None
-        self._n_images = list(positives.select_columns(["n_images"])["n_images"]) if "n_images" in cols else None
-        self._pos = _HubColumns(positives, image_cols)
-        self._neg: dict[str, _HubColumns] = {}
-        for name, ds in distractors.items():
-            ncols = [f"nimg{j + 1}" for j in range(MAX_VIEWS)]
-            if not any(c in ds.column_names for c in ncols):
-                raise DatasetLayoutError(
-                    f"distractor dataset {name!r} has no nimg1..3 column; columns: {ds.column_names}")
-            if len(ds) != n_rows:
-                raise DatasetLayoutError(f"distractor dataset {name!r} has {len(ds)} rows but the positives have "
-                                         f"{n_rows}; they must be row-aligned")
-            if self._ids is not None and "id" in ds.column_names:
-                neg_ids = list(ds.select_columns(["id"])["id"])
-                wrong = next((i for i in rows if neg_ids[i] != self._ids[i]), None)
-                if wrong is not None:
-                    raise DatasetLayoutError(
-                        f"distractor dataset {name!r} is not row-aligned with the positives: row {wrong} has id "
-                        f"{neg_ids[wrong]!r} there but {self._ids[wrong]!r} in the positives")
-            self._neg[name] = _HubColumns(ds, ncols)
-
-    @property
-    def sources(self) -> list[str]:
-        return list(self._neg)
-
-    def identity_ids(self) -> list[str]:
-        """Identity ids of the kept rows (the ``id`` column, else the row position)."""
-        return [str(self._ids[i]) if self._ids is not None else str(i) for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k):  # type: ignore[override]
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        row = self.indices[k]
-        n_images = self._n_images[row] if self._n_images is not None else None
-        views = [self._pos.cell(f"images{j + 1}", row) for j in range(MAX_VIEWS)]
-        distractors = {s: [cols.cell(f"nimg{j + 1}", row) for j in range(MAX_VIEWS)] for s, cols in self._neg.items()}
-        identity = self._ids[row] if self._ids is not None else row
-        category = self._categories[row] if self._categories is not None else None
-        # every present view is used, as the reference does; a declared n_images that disagrees is only recorded
-        return NearIDRecord(str(identity), category, views, [None] * MAX_VIEWS, distractors, row,
-                            n_images=n_images if isinstance(n_images, int) else None)
-
-
-class HubMTGRecords(Sequence[MTGRecord]):
-    """MTG training records over ``abdo-eldesokey/mtg-dataset`` with lazy, undecoded image cells."""
-
-    _IMAGES = ("image_1_original", "image_2_original", "image_1_inpainted", "image_2_inpainted")
-
-    def __init__(self, ds: Any) -> None:
-        missing = [c for c in self._IMAGES[:2] if c not in ds.column_names]
-        if missing:
-            raise DatasetLayoutError(f"MTG dataset lacks columns {missing}; columns: {ds.column_names}")
-        self._n = len(ds)
-        self._cols = _HubColumns(ds, self._IMAGES)
-        self._ids = next((list(ds.select_columns([c])[c]) for c in ("id", "sample_id") if c in ds.column_names), None)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, k):  # type: ignore[override]
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        if not 0 <= k < self._n:
-            raise IndexError(k)
-        c = self._cols.cell
-        sample_id = str(self._ids[k]) if self._ids is not None else str(k)
-        return MTGRecord(sample_id, (c("image_1_original", k), c("image_2_original", k)),
-                         (c("image_1_inpainted", k), c("image_2_inpainted", k)))
 
 
 def load_hub_nearid_training(
@@ -679,7 +542,8 @@ def load_hub_nearid_training(
     hf_split: str = "train",
     cache_dir: str | None = None,
 ) -> HubNearIDRecords:
-    """NearID training records from the hub: ``Aleksandar/NearID`` + ``Aleksandar/NearID-<Source>`` per source.
+    """NearID training records from the hub: ``Aleksandar/NearID`` + ``Aleksandar/NearID-<Source>`` per source, with
+    unread :class:`~nearid_core.feature_cache.HubImage` cells and no masks.
 
     Args:
         sources: distractor sources as tags (``flux``), suffixes (``Flux``) or dataset ids.
@@ -687,15 +551,10 @@ def load_hub_nearid_training(
             = every row (only sensible when no evaluation split is carved out of the same rows).
         repo, hf_split, cache_dir: where the positives live.
     """
-    positives = load_hub_dataset(repo, hf_split, cache_dir)
-    rows = load_split_indices(indices) if isinstance(indices, (str, os.PathLike)) else indices
-    negatives = {}
-    for name in sources:
-        tag, dataset_id = hf_source_repo(name)
-        negatives[tag] = load_hub_dataset(dataset_id, hf_split, cache_dir)
-    return HubNearIDRecords(positives, negatives, rows)
+    return load_hf_nearid(sources, split=None, indices=indices, repo=repo, hf_split=hf_split, cache_dir=cache_dir,
+                          with_masks=False, decode=False)
 
 
 def load_hub_mtg_training(split: str = "train", repo: str = MTG_REPO, cache_dir: str | None = None) -> HubMTGRecords:
-    """MTG training records from the hub (split ``train``; ``test`` is the 100-sample benchmark)."""
-    return HubMTGRecords(load_hub_dataset(repo, split, cache_dir))
+    """MTG training records from the hub (split ``train``; ``test`` is the 100-sample benchmark), cells unread."""
+    return load_hf_mtg(split, repo, cache_dir, decode=False)

@@ -185,6 +185,34 @@ def test_load_hf_nearid_uses_split_column_or_index_list(monkeypatch, tmp_path):
         data.load_hf_nearid(["flux"], split="val")
 
 
+def test_eval_and_training_read_the_hub_through_one_reader(monkeypatch, caplog):
+    """The benchmark loader and the training loader build the same reader class, so a record rule (here: n_images
+    never hides a view, and a disagreement is flagged and warned about) is the same in both; only the cells differ
+    (decoded PIL images for eval, unread HubImage references for training)."""
+    from nearid_core.feature_cache import HubImage, open_ref
+    from nearid_core.train_data import HubNearIDRecords, load_hub_nearid_training
+
+    datasets, pos, neg = _hf_datasets()
+    monkeypatch.setattr(data, "load_hub_dataset", lambda repo, split, cache_dir=None: pos if repo == data.NEARID_REPO
+                        else neg)
+    evaluated = data.load_hf_nearid(["flux"], indices=[0, 1, 2])
+    trained = load_hub_nearid_training(["flux"], [0, 1, 2])
+    assert type(evaluated) is type(trained) is HubNearIDRecords is data.HFNearIDRecords
+    for reader in (evaluated, trained):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nearid_core"):
+            records = list(reader)
+        assert "row 1 (id 9) declares n_images=2 but has 3 views" in caplog.text
+        assert [(r.identity_id, r.n_views, r.n_images_disagrees) for r in records] == [
+            ("7", 3, False), ("9", 3, True), ("12", 2, False)]
+    for e, t in zip(evaluated, trained):
+        assert all(isinstance(v, HubImage) for v in t.views + t.distractors["flux"] if v is not None)
+        assert [_value(v) for v in e.views] == [None if v is None else _value(open_ref(v)) for v in t.views]
+        assert [_value(v) for v in e.distractors["flux"]] == [
+            None if v is None else _value(open_ref(v)) for v in t.distractors["flux"]]
+        assert t.masks == [None] * 3 and e.masks[0] is not None  # training reads no masks
+
+
 def test_hf_source_names():
     assert hf_source_repo("flux_1024") == ("flux_1024", "Aleksandar/NearID-Flux_1024")
     assert hf_source_repo("PowerPaint") == ("powerpaint", "Aleksandar/NearID-PowerPaint")

@@ -670,10 +670,8 @@ def hub(monkeypatch, dataset):
         return tables[repo]
 
     import nearid_core.data
-    import nearid_core.train_data
 
-    monkeypatch.setattr(nearid_core.train_data, "load_hub_dataset", fake_load)
-    monkeypatch.setattr(nearid_core.data, "load_hub_dataset", fake_load)
+    monkeypatch.setattr(nearid_core.data, "load_hub_dataset", fake_load)  # the one hub reader, for training and eval
     return records, tables, loaded
 
 
