@@ -117,6 +117,12 @@ def model_choices() -> list[str]:
     return [DEFAULT_CHOICE, *hf_dirs, *sorted(heads)]
 
 
+def default_choice(choices: list[str]) -> str:
+    """The dropdown's default: the first local model when there is one (so an offline user's new loader works at
+    once), else the hub id."""
+    return choices[1] if len(choices) > 1 else DEFAULT_CHOICE
+
+
 def _searched() -> str:
     return "\n".join(f"  - {folder}" for folder in comfy_env.model_folders())
 
@@ -222,12 +228,14 @@ class NearIDModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        choices = model_choices()
         return {
             "required": {
-                "model": (model_choices(), {
-                    "default": DEFAULT_CHOICE,
+                "model": (choices, {
+                    "default": default_choice(choices),
                     "tooltip": "Entries under models/nearid/ (directories with config.json, head-only .safetensors "
-                               f"files) or '{DEFAULT_CHOICE}' (downloaded from the hub on first use).",
+                               f"files) or '{DEFAULT_CHOICE}' (downloaded from the hub on first use). The default is "
+                               "the first local model when there is one.",
                 }),
                 "device": (list(DEVICES), {
                     "default": "auto",
@@ -280,7 +288,10 @@ class NearIDModelLoader:
             with torch.inference_mode():
                 scorer = NearIDScorer.from_pretrained(source, device=offload, dtype=torch_dtype, allowed_roots=roots)
         except CheckpointNotFoundError as err:
-            raise CheckpointNotFoundError(f"{err}\nLocal NearID folders searched:\n{_searched()}") from err
+            raise CheckpointNotFoundError(
+                f"{err}\nLocal NearID folders searched:\n{_searched()}\nLocal models there (pick one in the "
+                f"dropdown to work offline):\n{_available()}"
+            ) from err
         patcher = comfy_env.make_patcher(scorer.model, load, offload) if device == "auto" else None
         shown = str(hub_id or "").strip() or (model[len(HUB_PREFIX):] if model.startswith(HUB_PREFIX) else model)
         handle = NearIDModelHandle(scorer=scorer, name=str(source), batch_size=int(batch_size), patcher=patcher,

@@ -288,6 +288,15 @@ def test_model_dropdown_lists_directories_and_head_files(models_dir, fake_comfy)
     assert choices == [DEFAULT_CHOICE, "nearid-tiny", os.path.join("heads", "my_head.safetensors")]
 
 
+def test_model_dropdown_defaults_to_a_local_model_when_there_is_one(fake_comfy, release_dir):
+    """Offline users: a new loader node picks a local model when models/nearid holds one, the hub id otherwise."""
+    model = NearIDModelLoader.INPUT_TYPES()["required"]["model"]
+    assert model[0] == [DEFAULT_CHOICE] and model[1]["default"] == DEFAULT_CHOICE
+    shutil.copytree(release_dir, Path(fake_comfy.modules["folder_paths"].models_dir) / "nearid" / "nearid-tiny")
+    model = NearIDModelLoader.INPUT_TYPES()["required"]["model"]
+    assert model[1]["default"] == "nearid-tiny" and model[1]["default"] in model[0]
+
+
 @pytest.mark.parametrize("entry", ["nearid-tiny", os.path.join("heads", "my_head.safetensors")])
 def test_loader_loads_dropdown_entries_under_comfy_management(models_dir, fake_comfy, entry):
     (out,) = NearIDModelLoader().load(entry, "auto", "float32", 4)

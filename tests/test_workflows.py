@@ -12,13 +12,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from workflow_view import WINDOW, canvas_size, node_box, screen_box
 
 import nearid_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
-EXPECTED = {"score_and_rank", "best_of_n", "threshold_split"}
+EXPECTED = {"score_and_rank", "best_of_n", "threshold_split"}  # API copies; UI files are named by their card titles
+THUMBNAIL_MAX_BYTES = 150_000
 SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "NEARID_MODEL", "NEARID_EMBEDDING",
                 "*"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # editor-only nodes, absent from API format
@@ -196,9 +198,37 @@ def widget_names(defs: dict, class_type: str) -> list[str | None]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def api_copy(ui_path: Path) -> Path:
+    """The API copy of a UI workflow: 'NearID Best of N.json' -> api/best_of_n.json. (The templates browser of
+    ComfyUI's frontend 1.27 titles a pack's template card by its file name, so the UI files carry titles.)"""
+    return ROOT / "workflows" / "api" / (ui_path.stem.removeprefix("NearID ").lower().replace(" ", "_") + ".json")
+
+
 def test_every_use_case_has_a_ui_workflow_and_an_api_copy():
-    assert {p.stem for p in UI_FILES} == EXPECTED
+    assert {api_copy(p).stem for p in UI_FILES} == EXPECTED
     assert {p.stem for p in API_FILES} == EXPECTED
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_has_a_small_jpeg_thumbnail(path):
+    """The templates browser shows `<name>.jpg` beside the workflow as the card's picture."""
+    thumb = path.with_suffix(".jpg")
+    assert thumb.exists(), f"{thumb.name} missing"
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < THUMBNAIL_MAX_BYTES
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_opens_with_every_node_in_view(path):
+    """At the stored view (`extra.ds`) every node, title bar included, lies on the editor's canvas in a 1600x1000
+    window."""
+    workflow = load(path)
+    ds = workflow["extra"]["ds"]
+    assert 0.5 <= ds["scale"] <= 1.0
+    width, height = canvas_size(WINDOW)
+    for node in workflow["nodes"]:
+        x0, y0, x1, y1 = screen_box(node_box(node), ds)
+        assert 0 <= x0 and x1 <= width and 0 <= y0 and y1 <= height, (node["type"], (x0, y0, x1, y1))
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
@@ -247,7 +277,7 @@ def test_saved_workflows_with_the_retired_on_empty_still_validate(node_defs):
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_ui_workflow_matches_its_api_copy(path, node_defs):
     ui = load(path)
-    api = load(ROOT / "workflows" / "api" / path.name)
+    api = load(api_copy(path))
     assert ui["version"] == 0.4 and isinstance(ui["links"], list)
     uuid.UUID(ui.get("id", str(uuid.uuid4())))  # the editor's schema rejects a workflow whose id is not a UUID
     nodes = {n["id"]: n for n in ui["nodes"]}
