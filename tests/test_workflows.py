@@ -21,6 +21,7 @@ UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
 EXPECTED = {"score_and_rank", "best_of_n", "threshold_split"}  # API copies; UI files are named by their card titles
 THUMBNAIL_MAX_BYTES = 150_000
+TEMPLATE_PROPERTY = "nearid_template_model"  # web/nearid.js: the loader takes the server's default model on opening
 SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "NEARID_MODEL", "NEARID_EMBEDDING",
                 "*"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # editor-only nodes, absent from API format
@@ -229,6 +230,23 @@ def test_ui_workflow_opens_with_every_node_in_view(path):
     for node in workflow["nodes"]:
         x0, y0, x1, y1 = screen_box(node_box(node), ds)
         assert 0 <= x0 and x1 <= width and 0 <= y0 and y1 <= height, (node["type"], (x0, y0, x1, y1))
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_template_loaders_take_the_servers_default_model(path):
+    """Every model loader of a template carries the property that makes web/nearid.js set its model to the server's
+    default when the template is opened (a local model when there is one), besides its other properties."""
+    loaders = [n for n in load(path)["nodes"] if n["type"] == "NearIDModelLoader"]
+    assert loaders
+    for node in loaders:
+        assert node["properties"][TEMPLATE_PROPERTY] is True
+        assert node["properties"]["Node name for S&R"] == "NearIDModelLoader"
+    assert TEMPLATE_PROPERTY not in api_copy(path).read_text()  # API runs keep the model they name
+
+
+def test_the_frontend_extension_knows_the_template_property():
+    script = (ROOT / "web" / "nearid.js").read_text()
+    assert f'"{TEMPLATE_PROPERTY}"' in script and "loadedGraphNode" in script
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)

@@ -1,11 +1,16 @@
 // NearID: show the score table that the NearID nodes return as {"ui": {"text": [...]}} on the node itself.
 // ComfyUI renders `text` only for its own PreviewAny node, so the NearID nodes need this small extension.
+// It also points the model loader of a shipped template at this server's default model (see TEMPLATE_PROPERTY).
 // Loaded by ComfyUI from WEB_DIRECTORY as /extensions/<pack folder>/nearid.js.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODES_WITH_TEXT = new Set(["NearIDEmbed", "NearIDScore", "NearIDBestOfN", "NearIDThresholdFilter"]);
 const WIDGET_NAME = "nearid_scores";
+// Set on the NearIDModelLoader nodes of the shipped templates (workflows/NearID *.json): such a node takes the model
+// dropdown's default from the server (the first model in models/nearid/, else the hub entry) instead of the model the
+// template was saved with. The property is then removed, so a workflow the user saves keeps the model they chose.
+const TEMPLATE_PROPERTY = "nearid_template_model";
 
 function showText(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
@@ -36,5 +41,16 @@ app.registerExtension({
       if (text === undefined || text === null) return;
       showText(this, Array.isArray(text) ? text.join("\n\n") : String(text));
     };
+  },
+});
+
+app.registerExtension({
+  name: "NearID.TemplateModel",
+  loadedGraphNode(node) {
+    if (!node.properties?.[TEMPLATE_PROPERTY]) return; // the user's own workflows are left as saved
+    delete node.properties[TEMPLATE_PROPERTY];
+    const widget = node.widgets?.find((w) => w.name === "model");
+    const serverDefault = node.constructor.nodeData?.inputs?.model?.default;
+    if (widget && serverDefault !== undefined) widget.value = serverDefault;
   },
 });
