@@ -1,7 +1,7 @@
 """Offline proof that NearID training works: one command, no downloads, CPU friendly.
 
-    python -m nearid_core.demo OUTDIR                 # default size, a few minutes on a laptop CPU
-    python -m nearid_core.demo OUTDIR --size ci       # the size the CI test runs (well under a minute unloaded)
+    python -m nearid_core.demo OUTDIR                 # default size: 6 min on 2 shared (busy) EPYC cores
+    python -m nearid_core.demo OUTDIR --size ci       # the size the CI test runs: ~30 s there
 
 What it does (everything under OUTDIR, which is replaced on re-runs; a non-empty folder that is not an earlier demo
 output is refused):
@@ -21,8 +21,10 @@ output is refused):
 4. **NearID training**: ``python -m nearid_core.train`` on the frozen trunk (feature cache, infonce_ext with
    slot-aligned distractors, MTG joint training, checkpoints, validation, exports).
 5. **After**: the same benchmark on the exported release checkpoint; ``summary.json`` holds both, and
-   ``embedding_kpca.png`` shows KernelPCA of positives (dots) and their distractors (crosses) before and after, like
-   the paper's figure: after training, each identity's views cluster and its distractors move away.
+   ``embedding_kpca.png`` shows, before and after (SSR / PA in each title), KernelPCA of the views (dots) of eight
+   held-out identities and their held-out-source distractors (hollow squares, dashed line to the view with the same
+   background), and a third panel with the histogram of every NearID-Bench margin (sim(view a, view b) minus
+   sim(view a, distractor in a's background); > 0 is a win) of both heads.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     "full": DemoSize(),
-    "ci": DemoSize(n_train=420, n_val=20, n_test=80, n_mtg=24, n_pretrain=500, pretrain_steps=150,
-                   pretrain_batch=48, pretrain_lr=2e-3, train_steps=400, warmup_steps=40),
+    "ci": DemoSize(n_train=240, n_val=20, n_test=60, n_mtg=16, n_pretrain=300, pretrain_steps=60,
+                   pretrain_batch=32, pretrain_lr=2e-3, train_steps=300, warmup_steps=40),
 }
 
 
@@ -177,45 +179,104 @@ def _bench(model_dir: Path, records, sources: Sequence[str]) -> dict[str, Any]:
     return result.to_json()
 
 
-def plot_kpca(models: dict[str, Path], records, source: str, path: Path, n_identities: int = 6) -> Path:
-    """KernelPCA (cosine kernel) of the views (dots) and their ``source`` distractors (crosses) of a few identities,
-    one panel per model; lines join each distractor to the view whose background it shares."""
+def _margins(emb: np.ndarray, index: dict[tuple[int, str, int], int], records, sources: Sequence[str]) -> np.ndarray:
+    """All directed NearID-Bench margins sim(view a, view b) - sim(view a, distractor in a's background)."""
+    out = []
+    for k, rec in enumerate(records):
+        present = [j for j, v in enumerate(rec.views) if v is not None]
+        for source in sources:
+            for a in present:
+                d = index.get((k, source, a))
+                if d is None:
+                    continue
+                for b in present:
+                    if b != a:
+                        va, vb = emb[index[(k, "view", a)]], emb[index[(k, "view", b)]]
+                        out.append(float(va @ vb - va @ emb[d]))
+    return np.asarray(out)
+
+
+def plot_kpca(models: dict[str, Path], records, source: str, path: Path, n_identities: int = 8,
+              metrics: dict[str, dict[str, Any]] | None = None, sources: Sequence[str] | None = None) -> Path:
+    """The demo figure: per model a KernelPCA panel, plus one panel of NearID-Bench margins.
+
+    KernelPCA panels (cosine kernel, fit per model): the views of the first ``n_identities`` 3-view identities of
+    ``records`` as filled dots coloured by identity, their ``source`` distractors as hollow squares of the same colour,
+    thin solid lines joining the views of one identity, dashed lines joining each view to the distractor rendered into
+    its background. ``metrics`` (title -> a ``run_nearid_bench(...).to_json()``) puts SSR / PA into the titles. The last
+    panel is the histogram of every directed margin sim(view a, view b) - sim(view a, distractor in a's background)
+    over all ``records`` and ``sources`` (default: ``source``) per model; a margin > 0 is a win.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from sklearn.decomposition import KernelPCA
 
     from .data import open_image
     from .scorer import NearIDScorer
 
-    chosen = [r for r in records if r.n_views == 3][:n_identities]
-    images, owner, is_neg, slot = [], [], [], []
-    for k, rec in enumerate(chosen):
-        for j, (view, neg) in enumerate(zip(rec.views, rec.distractors[source])):
-            for img, negative in ((view, False), (neg, True)):
-                if img is not None:
-                    images.append(open_image(img))
-                    owner.append(k)
-                    is_neg.append(negative)
-                    slot.append(j)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5))
+    sources = [source] if sources is None else list(sources)
+    images, index = [], {}
+    for k, rec in enumerate(records):
+        for j, view in enumerate(rec.views):
+            if view is None:
+                continue
+            index[(k, "view", j)] = len(images)
+            images.append(open_image(view))
+            for s in sources:
+                neg = rec.distractors.get(s, [None] * len(rec.views))[j]
+                if neg is not None:
+                    index[(k, s, j)] = len(images)
+                    images.append(open_image(neg))
+    shown = [k for k, r in enumerate(records) if r.n_views == 3 and all(
+        (k, source, j) in index for j in range(3))][:n_identities]
     colors = plt.get_cmap("tab10")
-    for ax, (title, model_dir) in zip(np.atleast_1d(axes), models.items()):
+    n = len(models)
+    fig, axes = plt.subplots(1, n + 1, figsize=(5.6 * n + 5.6, 5.6))
+    all_margins = {}
+    for ax, (title, model_dir) in zip(axes, models.items()):
         scorer = NearIDScorer.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
-        emb = scorer.embed(images, progress=False).numpy()
-        xy = KernelPCA(n_components=2, kernel="cosine").fit_transform(emb)
-        for i in range(len(images)):
-            ax.scatter(*xy[i], color=colors(owner[i] % 10), marker="x" if is_neg[i] else "o",
-                       s=60 if is_neg[i] else 45, linewidths=2)
-            if is_neg[i]:
-                match = next(t for t in range(len(images)) if owner[t] == owner[i] and slot[t] == slot[i]
-                             and not is_neg[t])
-                ax.plot(*zip(xy[i], xy[match]), color=colors(owner[i] % 10), lw=0.6, alpha=0.6)
-        ax.set_title(title)
+        emb = scorer.embed(images, batch_size=64, progress=False).numpy()
+        all_margins[title] = _margins(emb, index, records, sources)
+        rows = [index[(k, kind, j)] for k in shown for kind in ("view", source) for j in range(3)]
+        xy = dict(zip(rows, KernelPCA(n_components=2, kernel="cosine").fit_transform(emb[rows])))
+        for c, k in enumerate(shown):
+            col = colors(c % 10)
+            v = [xy[index[(k, "view", j)]] for j in range(3)]
+            d = [xy[index[(k, source, j)]] for j in range(3)]
+            ax.plot(*zip(*v, v[0]), color=col, lw=1.0, alpha=0.7)
+            for j in range(3):
+                ax.plot(*zip(v[j], d[j]), color=col, lw=0.9, ls="--", alpha=0.6)
+            ax.scatter(*zip(*v), color=col, s=55, zorder=3, edgecolors="k", linewidths=0.4)
+            ax.scatter(*zip(*d), facecolors="none", edgecolors=[col], marker="s", s=60, linewidths=1.6, zorder=3)
+        if metrics and title in metrics:
+            m = metrics[title]
+            ps = m.get("per_source", {}).get(source)
+            extra = f"\n{source}: SSR {ps['SSR']:.1f} / PA {ps['PA']:.1f}" if ps else ""
+            title = f"{title}\nheld-out test, all sources: SSR {m['SSR']:.1f} / PA {m['PA']:.1f}{extra}"
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"KernelPCA of positives (o) and {source} distractors (x), one colour per identity")
+    handles = [Line2D([], [], color="grey", marker="o", ls="-", markeredgecolor="k", label="views of one identity"),
+               Line2D([], [], color="grey", marker="s", markerfacecolor="none", ls="--",
+                      label=f"{source} distractor -- view with the same background")]
+    axes[0].legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
+    ax = axes[-1]
+    lo = min(float(v.min()) for v in all_margins.values() if v.size) if any(v.size for v in all_margins.values()) else -1
+    hi = max(float(v.max()) for v in all_margins.values() if v.size) if any(v.size for v in all_margins.values()) else 1
+    bins = np.linspace(lo, hi, 41)
+    for (title, margins), col in zip(all_margins.items(), ("tab:grey", "tab:red", "tab:blue", "tab:green")):
+        wins = 100.0 * float((margins > 0).mean()) if margins.size else float("nan")
+        ax.hist(margins, bins=bins, alpha=0.55, color=col, label=f"{title.splitlines()[0]}: {wins:.1f} % > 0")
+    ax.axvline(0, color="k", lw=1)
+    ax.set_xlabel("margin = sim(view a, view b) - sim(view a, distractor in a's background)")
+    ax.set_ylabel("directed pairs")
+    ax.set_title(f"all {len(records)} held-out test identities, distractors: {', '.join(sources)}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"KernelPCA (cosine) of {len(shown)} held-out identities: views (dots) and their {source} "
+                 f"distractors (hollow squares), one colour per identity", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -294,8 +355,9 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", seed: int = 
     timings["nearid_eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    plot = plot_kpca({"frozen SigLIP-style head (before)": out / "backbone", "NearID head (after)": trained_dir},
-                     test, HELD_OUT_SOURCES[0], out / "embedding_kpca.png")
+    titles = ("frozen SigLIP-style head (before)", "NearID head (after)")
+    plot = plot_kpca(dict(zip(titles, (out / "backbone", trained_dir))), test, HELD_OUT_SOURCES[0],
+                     out / "embedding_kpca.png", metrics=dict(zip(titles, (baseline, nearid))), sources=sources)
     timings["plot_s"] = time.perf_counter() - t
 
     summary = {
