@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_model": "checkpoint",
     "save_head_only": "checkpoint",
     "save_release": "checkpoint",
+    "load_embeddings": "embed_shards",
     "NearIDConfig": "configuration_nearid",
     "NearIDModel": "modeling_nearid",
     "NearIDModelOutput": "modeling_nearid",
@@ -34,6 +35,7 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:
     from .checkpoint import CheckpointError, CheckpointNotFoundError, load_model, save_head_only, save_release
     from .configuration_nearid import NearIDConfig
+    from .embed_shards import load_embeddings
     from .modeling_nearid import NearIDModel, NearIDModelOutput
     from .preprocessing import ImageInputError, PreprocessConfig, preprocess
     from .scorer import DEFAULT_MODEL, DeviceError, NearIDScorer, to_percent

@@ -3,9 +3,12 @@ embeddings.
 
     nearid score --ref ref.png [--ref ref2.png ...] CANDIDATE [CANDIDATE ...] [--model ID_OR_DIR] [--json]
     nearid embed IMAGE [IMAGE ...] --output embeddings.safetensors|.npy [--model ID_OR_DIR]
+    nearid embed [IMAGE ...] [--file-list FILE] | --dataset NAME_OR_DIR [--split S] [--image-column C]
+                 [--shard-size N --output FOLDER]
 
 A candidate or image argument may be a directory: its image files are used, sorted by name. Arguments are parsed and
-checked before torch and the model load, so `--help` and usage errors answer at once.
+checked before torch and the model load, so `--help` and usage errors answer at once. With `--shard-size`, `embed`
+writes resumable shards into a folder, split across the processes of `accelerate launch` (see `embed_shards`).
 """
 
 from __future__ import annotations
@@ -63,8 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="write L2-normalised embeddings of images",
                            description="Writes [N, D] float32 embeddings. A .safetensors file records the source "
                                        "file of each row in its metadata; a .npy file gets a sidecar <file>.json.")
-    embed.add_argument("images", nargs="+", help="images or directories")
-    embed.add_argument("--output", "-o", required=True, help="output file: .safetensors or .npy")
+    embed.add_argument("images", nargs="*", help="images or directories")
+    embed.add_argument("--file-list", metavar="FILE",
+                       help="a text file of images (or directories), one a line; relative paths are read from its "
+                            "folder")
+    embed.add_argument("--dataset", metavar="NAME_OR_DIR",
+                       help="embed a Hugging Face dataset instead: a hub name or a folder written by save_to_disk")
+    embed.add_argument("--split", default="train", help="split of --dataset (default train)")
+    embed.add_argument("--image-column", default="image", help="image column of --dataset (default image)")
+    embed.add_argument("--shard-size", type=int, default=None, metavar="N",
+                       help="write N rows a shard into the --output folder (shard-00000.safetensors ... and "
+                            "manifest.json); a rerun computes only missing shards; under `accelerate launch` the "
+                            "processes share the shards")
+    embed.add_argument("--output", "-o", required=True,
+                       help="output file: .safetensors or .npy; with --shard-size, a folder")
     _add_model_args(embed)
     return parser
 
@@ -84,8 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.ref_paths = expand_images(args.ref)
             args.candidate_paths = expand_images(args.candidates)
         else:
-            args.output = check_output(args.output)
-            args.image_paths = expand_images(args.images)
+            check_embed_inputs(args)
     except UsageError as err:
         parser.error(str(err))
     return args
@@ -112,6 +126,63 @@ def expand_images(items: Sequence[str]) -> list[Path]:
     return paths
 
 
+def check_embed_inputs(args: argparse.Namespace) -> None:
+    """Check `nearid embed`'s inputs and output; sets `args.output` (a Path) and `args.image_paths` (files; empty with
+    --dataset, which loads later, with the model)."""
+    if args.shard_size is not None and args.shard_size < 1:
+        raise UsageError("--shard-size must be >= 1")
+    if args.shard_size is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("several processes (accelerate launch) need --shard-size N and an --output folder")
+    if args.dataset is not None and (args.images or args.file_list):
+        raise UsageError("give either --dataset or images / --file-list, not both")
+    if args.dataset is None and not args.images and not args.file_list:
+        raise UsageError("nothing to embed: give images or directories, --file-list FILE or --dataset NAME")
+    args.output = check_output(args.output) if args.shard_size is None else check_output_folder(args.output)
+    listed = read_file_list(Path(args.file_list)) if args.file_list else []
+    args.image_paths = expand_images([*args.images, *listed]) if args.dataset is None else []
+
+
+def read_file_list(path: Path) -> list[str]:
+    """The paths of a --file-list: one a line, blank lines and #-comments skipped, relative ones read from the list's
+    folder.
+
+    Raises:
+        UsageError: the list cannot be read or names nothing.
+    """
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read --file-list {path}: {getattr(err, 'strerror', None) or err}") from err
+    paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UsageError(f"--file-list {path} names no files")
+    return paths
+
+
+def check_output_folder(output: str) -> Path:
+    """The `--output` folder of a sharded run, created if missing and checked writable before any work.
+
+    Raises:
+        UsageError: an empty name, an existing file, or a folder that cannot be created or written.
+    """
+    path = Path(output)
+    if not output.strip():
+        raise UsageError("--output is empty; with --shard-size give a folder name such as embeddings/")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output {output} is a file; with --shard-size it names a folder of shards")
+    _writable_folder(path, output)
+    return path
+
+
+def _writable_folder(folder: Path, output: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the folder of --output {output}: {err.strerror or err}") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write --output {output}: the folder {folder} is not writable")
+
+
 def check_output(output: str) -> Path:
     """The `--output` path, checked before any work: a .safetensors / .npy file in a writable directory.
 
@@ -120,7 +191,8 @@ def check_output(output: str) -> Path:
     """
     path = Path(output)
     if path.is_dir():
-        raise UsageError(f"--output {output} is a directory; give a file name such as {path / 'embeddings.safetensors'}")
+        raise UsageError(f"--output {output} is a directory; give a file name such as "
+                         f"{path / 'embeddings.safetensors'} (or --shard-size N to write shards into the folder)")
     if not output.strip():
         raise UsageError("--output is empty; give a file name such as embeddings.safetensors")
     if path.suffix.lower() not in EMBED_SUFFIXES:
@@ -128,12 +200,7 @@ def check_output(output: str) -> Path:
     path = path.with_suffix(path.suffix.lower())
     if path.suffix == ".npy" and sidecar_path(path).is_dir():
         raise UsageError(f"--output {output}: its row-source sidecar {sidecar_path(path)} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the folder of --output {output}: {err.strerror or err}") from err
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write --output {output}: the folder {path.parent} is not writable")
+    _writable_folder(path.parent, output)
     return path
 
 
@@ -217,8 +284,14 @@ def sidecar_path(npy_path: Path) -> Path:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    from . import embed_shards
+
+    items = (embed_shards.load_image_dataset(args.dataset, args.split, args.image_column) if args.dataset is not None
+             else args.image_paths)
+    if args.shard_size is not None:
+        return _run_embed_shards(args, items)
     scorer = _load_scorer(args)
-    embeddings, images, skipped = _embed_files(scorer, args.image_paths, args)
+    embeddings, images, skipped = _embed_files(scorer, items, args)
     embeddings = embeddings.cpu()
     _report_skipped(skipped)
     if not images:
@@ -236,12 +309,34 @@ def run_embed(args: argparse.Namespace) -> int:
         write_atomic(output, save_npy)
         where = f" (rows' source files in {sidecar_path(output)})"
     else:
-        from safetensors.torch import save_file
-
-        metadata = {k: json.dumps(v) if isinstance(v, list) else v for k, v in provenance.items()}
-        write_atomic(output, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata))
+        embed_shards.save_safetensors(output, embeddings, provenance["files"], model=provenance["model"])
         where = ""
     print(f"wrote {tuple(embeddings.shape)} embeddings to {output}{where}")
+    return 0
+
+
+def _run_embed_shards(args: argparse.Namespace, items: Sequence[Any]) -> int:
+    """`nearid embed --shard-size N`: this process's missing shards, then (main process) the manifest."""
+    from . import embed_shards
+
+    processes = embed_shards.current_processes()
+    if processes.count > 1 and args.device is None:
+        args.device = processes.device
+    scorer = _load_scorer(args)
+    digest = items.digest() if hasattr(items, "digest") else embed_shards.sources_digest([str(p) for p in items])
+    identity = {"fingerprint": scorer.fingerprint(), "shard_size": args.shard_size, "inputs": len(items),
+                "sources_sha256": digest}
+    done = embed_shards.write_shards(args.output, items, identity, lambda part: _embed_files(scorer, part, args),
+                                     processes, model=str(args.model))
+    _report_skipped(done["skipped"])
+    tag = f"process {processes.index}/{processes.count}: " if processes.count > 1 else ""
+    print(f"{tag}wrote {len(done['written'])} shard(s), {len(done['kept'])} already complete")
+    if done["manifest"] is not None:
+        manifest = done["manifest"]
+        print(f"{args.output}: {manifest['rows']} embeddings in {manifest['shards']} shard(s) "
+              f"(load with nearid_core.load_embeddings)")
+        if manifest["rows"] == 0:
+            raise UsageError("no image could be read; the shards are empty")
     return 0
 
 
@@ -268,4 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nearid_core.cli import main as package_main  # so UsageError is one class with embed_shards' import of it
+
+    sys.exit(package_main())

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model, load_preprocess_config
+from .feature_cache import HubImage
 from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
 from .precision import cpu_has_bf16_matmul as cpu_has_bf16_matmul  # re-exported
 from .precision import autocast_for, default_dtype, head_dtype
@@ -31,6 +32,7 @@ from .preprocessing import (
     PreprocessConfig,
     iter_images,
     file_to_tensor,
+    pil_to_tensor,
     preprocess,
     preprocess_images,
     resize,
@@ -91,7 +93,8 @@ def to_percent(cosine: torch.Tensor) -> torch.Tensor:
 
 
 class _DecodedFiles(Dataset):
-    """Image files -> (path, [3, h, w] pixels in 0..1 resized for the model, None) or (path, None, error message)."""
+    """Image files (or `HubImage` dataset cells) -> (item, [3, h, w] pixels in 0..1 resized for the model, None) or
+    (item, None, error message)."""
 
     def __init__(self, paths: list, config: PreprocessConfig) -> None:
         self.paths, self.config = paths, config
@@ -102,10 +105,18 @@ class _DecodedFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor | None, str | None]:
         path = self.paths[index]
         try:
-            pixels = file_to_tensor(path)
+            pixels = _cell_to_tensor(path) if isinstance(path, HubImage) else file_to_tensor(path)
         except ImageInputError as err:
             return path, None, str(err)
         return path, resize(pixels[None], self.config)[0], None
+
+
+def _cell_to_tensor(cell: HubImage) -> torch.Tensor:
+    """A dataset image cell -> [3, H, W] float32 in 0..1; every error names the cell."""
+    try:
+        return pil_to_tensor(cell.load())
+    except (ImageInputError, OSError, ValueError) as err:
+        raise ImageInputError(f"Image {cell}: {err}") from err
 
 
 def _one_thread_per_worker(worker_id: int) -> None:
@@ -263,8 +274,8 @@ class NearIDScorer:
         skip_unreadable: bool = False,
         progress: bool | None = None,
     ) -> tuple[torch.Tensor, list, list[tuple[Any, str]]]:
-        """Embed image files, decoding and resizing them in `num_workers` background processes (a torch DataLoader)
-        while the model runs; equal to `embed(paths)`.
+        """Embed image files (or `HubImage` cells of a ``datasets.Dataset``), decoding and resizing them in
+        `num_workers` background processes (a torch DataLoader) while the model runs; equal to `embed(paths)`.
 
         Returns:
             (embeddings [N, D] float32 on the scorer's device, the paths embedded, [(path, reason)] skipped). Without
