@@ -5,7 +5,9 @@ Real SigLIP2 so400m/14@384 architecture with random weights (speed does not depe
 * plain:            slow `AutoImageProcessor` (PIL) + `SiglipVisionModel` in fp32, pooler_output normalised;
 * fp32:             NearIDScorer in fp32;
 * bf16, bf16 head:  the whole model in bf16 (what the scorer did before the head ran in fp32);
-* bf16:             bf16 trunk, fp32 MAP head (the scorer's bf16 mode);
+* bf16, SDPA:       bf16 trunk with transformers' SDPA attention, fp32 MAP head (the scorer's bf16 mode before
+                    `nearid_core.attention`);
+* bf16:             bf16 trunk, fp32 MAP head, the scorer's CPU attention (the scorer's bf16 mode);
 * default:          NearIDScorer's own choice here (`nearid_core.precision`: flags, then a timed probe).
 
 Prints, per variant, the speed ratio to plain (min and median over the interleaved repeats), the minimum cosine to
@@ -30,6 +32,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from nearid_core import NearIDScorer, PreprocessConfig, precision
+from nearid_core.attention import cpu_bmm_attention
 from nearid_core.checkpoint import no_init_weights
 from nearid_core.configuration_nearid import SO400M_VISION_CONFIG
 
@@ -101,11 +104,14 @@ def cpu_report(args, images, processor, plain, scorer) -> None:
           f"bf16 needs >= {precision.PROBE_MIN_SPEEDUP}x; flags: {precision.cpu_bf16_support()}) -> default "
           f"{str(default).removeprefix('torch.')}")
 
-    def set_mode(dtype: torch.dtype, head: torch.dtype) -> None:
-        scorer.to(dtype=dtype)
+    def set_mode(dtype: torch.dtype, head: torch.dtype, attention: str | None = None) -> None:
+        scorer.to(dtype=dtype)  # the scorer's own attention choice (CPU_BMM_ATTENTION) unless `attention` is given
         scorer.model.head.to(head)
+        if attention is not None:
+            scorer.model.set_attn_implementation(attention)
 
     variants = {"fp32": (torch.float32, torch.float32), "bf16, bf16 head": (torch.bfloat16, torch.bfloat16),
+                "bf16, SDPA": (torch.bfloat16, torch.float32, "sdpa"),
                 "bf16": (torch.bfloat16, torch.float32),
                 "default": (default, precision.head_dtype(torch.device("cpu"), default))}
 
@@ -144,12 +150,16 @@ def cpu_report(args, images, processor, plain, scorer) -> None:
 
 
 def attention_report(batch: int, repeats: int, device: torch.device) -> None:
-    """The so400m attention core (729 tokens, 16 heads of 72): SDPA (transformers' default implementation) vs the
-    eager batched-matmul path, in fp32 and bf16."""
+    """The so400m attention core (729 tokens, 16 heads of 72): SDPA (transformers' default implementation), the eager
+    batched-matmul path, and the scorer's CPU attention (`nearid_core.attention`: bmm over 2 heads at a time in
+    bf16; SDPA in fp32), in fp32 and bf16."""
     heads, tokens, dim = 16, (384 // 14) ** 2, 72
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, tokens, dim, generator=gen).to(device) for _ in range(3))
     reference = F.scaled_dot_product_attention(q, k, v)
+
+    def nearid_bmm(q, k, v):  # the scorer's CPU attention; it returns [B, L, H, D]
+        return cpu_bmm_attention(None, q, k, v, None, is_causal=False)[0].transpose(1, 2)
 
     def eager(q, k, v):
         weights = torch.softmax(q @ k.transpose(-1, -2) * dim ** -0.5, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -159,7 +169,7 @@ def attention_report(batch: int, repeats: int, device: torch.device) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         args = [t.to(dtype) for t in (q, k, v)]
         line = []
-        for name, fn in (("sdpa", F.scaled_dot_product_attention), ("eager", eager)):
+        for name, fn in (("sdpa", F.scaled_dot_product_attention), ("eager", eager), ("nearid bmm", nearid_bmm)):
             fn(*args)
             times, out = timed(lambda: fn(*args), repeats)
             cos = F.cosine_similarity(out.float().flatten(2), reference.flatten(2), dim=-1).min().item()

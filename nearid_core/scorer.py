@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .attention import CPU_BMM_ATTENTION
 from .checkpoint import load_model, load_preprocess_config
 from .feature_cache import HubImage
 from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
@@ -181,6 +182,8 @@ class NearIDScorer:
         if dtype is not None:
             self.dtype = dtype
         self.model.to_precision(self.dtype, head_dtype(self.device, self.dtype), device=self.device)
+        if self.model.config._attn_implementation == "sdpa":  # an explicit choice (e.g. "eager") is kept
+            self.model.set_attn_implementation(CPU_BMM_ATTENTION)  # SDPA itself wherever it is the faster one
         return self
 
     def __repr__(self) -> str:
