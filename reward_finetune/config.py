@@ -1,8 +1,10 @@
 """Command-line flags of `reward_finetune.train`, as a dataclass, and their cross-flag validation.
 
-The flag names follow diffusers' `train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py` (same spelling and
-meaning); the reward flags are new and prefixed `--reward_`, `--refl_`, `--draft_`. `parse_args` validates every flag
-combination before any model is loaded, so a mistyped run fails at once.
+The flag names follow diffusers' `train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py` and, for FLUX.1 and
+SD3, `train_dreambooth_lora_flux.py` / `train_dreambooth_lora_sd3.py` (same spelling and meaning: `--guidance_scale`,
+`--max_sequence_length`, `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`,
+`--precondition_outputs`); the reward flags are new and prefixed `--reward_`, `--refl_`, `--draft_`. `parse_args`
+validates every flag combination before any model is loaded, so a mistyped run fails at once.
 
 Defaults that differ from those scripts (SD script / SDXL script), chosen for reward training on one GPU:
 
@@ -16,7 +18,9 @@ Defaults that differ from those scripts (SD script / SDXL script), chosen for re
 | `--validation_epochs` | unset: validate at checkpoints | 50 |
 | `--report_to` | auto (the installed trackers) | tensorboard |
 
-The same: rank 4, constant schedule, `--lr_num_cycles` 1, `--lr_power` 1, resolution 512 (SD) / 1024 (SDXL),
+The same: rank 4, constant schedule, `--lr_num_cycles` 1, `--lr_power` 1, resolution 512 (SD) / 1024 (SDXL, FLUX.1,
+SD3; diffusers' FLUX / SD3 scripts default to 512), `--guidance_scale` 3.5 (FLUX), `--max_sequence_length` 512 (FLUX) /
+77 (SD3), `--weighting_scheme` none (FLUX) / logit_normal (SD3), `--precondition_outputs` 1 (SD3),
 `--checkpointing_steps` 500, Adam betas / epsilon, `--max_grad_norm` 1, 4 validation images.
 """
 
@@ -33,6 +37,7 @@ from nearid_core.runs import available_trackers, resolve_resume
 from nearid_core.scorer import DEFAULT_MODEL, REDUCTIONS
 
 from .families import FAMILIES
+from .families.base import WEIGHTING_SCHEMES
 from .sampling import K_DISTRIBUTIONS
 from .weighting import SCHEDULES, WEIGHTINGS
 
@@ -69,7 +74,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     sample_batch_size: int = 4
-    resolution: int | None = None  # None = the family's default (SD1.5 512, SDXL 1024)
+    resolution: int | None = None  # None = the family's default (SD1.5 512, SDXL / FLUX.1 / SD3 1024)
     center_crop: bool = False
     random_flip: bool = False
     # LoRA + optimisation
@@ -97,6 +102,14 @@ class TrainConfig:
     mixed_precision: str | None = None
     allow_tf32: bool = False
     denoising_loss_weight: float = 1.0
+    # flow matching (FLUX.1, SD3): diffusers' flags; None = the family's default
+    guidance_scale: float = 3.5
+    max_sequence_length: int | None = None
+    weighting_scheme: str | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: int | None = None
     # checkpoints
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -105,7 +118,7 @@ class TrainConfig:
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_num_inference_steps: int = 25
-    validation_guidance_scale: float = 7.5
+    validation_guidance_scale: float | None = None  # None = the pipeline's default (SD 7.5, FLUX 3.5, SD3 7)
     validation_epochs: int | None = None
     validation_holdout: int | None = None  # None = 1 instance image when there are at least 2
     report_to: str = "auto"
@@ -125,7 +138,7 @@ class TrainConfig:
     reward_batch_size: int = 1
     reward_resolution: int | None = None
     reward_num_inference_steps: int = 20
-    reward_guidance_scale: float = 7.5
+    reward_guidance_scale: float | None = None  # None = the pipeline's default
     reward_eta: float = 0.0
     refl_min_step: int | None = None
     refl_max_step: int | None = None
@@ -169,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="hub id or local diffusers pipeline directory (StableDiffusionPipeline or "
-                        "StableDiffusionXLPipeline)")
+                   help="hub id or local diffusers pipeline directory (StableDiffusionPipeline, "
+                        "StableDiffusionXLPipeline, FluxPipeline or StableDiffusion3Pipeline)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     g.add_argument("--model_type", choices=MODEL_TYPES, default=d.model_type,
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_class_images", type=int, default=d.num_class_images,
                    help="missing class images are generated with the base model")
     g.add_argument("--sample_batch_size", type=int, default=d.sample_batch_size)
-    g.add_argument("--resolution", type=int, default=None, help="default: SD1.5 512, SDXL 1024")
+    g.add_argument("--resolution", type=int, default=None, help="default: SD1.5 512, SDXL / FLUX.1 / SD3 1024")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
 
@@ -226,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoising_loss_weight", type=float, default=d.denoising_loss_weight,
                    help="weight of the DreamBooth denoising loss; 0 = reward only")
 
+    g = p.add_argument_group("flow matching (FLUX.1, SD3), as diffusers' train_dreambooth_lora_flux/sd3.py")
+    g.add_argument("--guidance_scale", type=float, default=d.guidance_scale,
+                   help="FLUX.1-dev: the embedded guidance of the denoising loss (a guidance-distilled model)")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 prompt tokens (default: FLUX 512, SD3 77)")
+    g.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default=None,
+                   help="timestep sampling / loss weighting (default: FLUX none, SD3 logit_normal)")
+    g.add_argument("--logit_mean", type=float, default=d.logit_mean, help="logit_normal: mean")
+    g.add_argument("--logit_std", type=float, default=d.logit_std, help="logit_normal: standard deviation")
+    g.add_argument("--mode_scale", type=float, default=d.mode_scale, help="mode: scale")
+    g.add_argument("--precondition_outputs", type=int, choices=(0, 1), default=None,
+                   help="1: loss on x_t - sigma * v against x0 (EDM preconditioning) instead of v against noise - x0 "
+                        "(default: SD3 1, FLUX 0)")
+
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps,
                    help="save checkpoint-{step} (accelerate state + LoRA files) and run validation every N steps")
@@ -239,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the held-out instance images")
     g.add_argument("--num_validation_images", type=int, default=d.num_validation_images)
     g.add_argument("--validation_num_inference_steps", type=int, default=d.validation_num_inference_steps)
-    g.add_argument("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="default: the pipeline's (SD 7.5, FLUX.1 3.5 embedded, SD3 7)")
     g.add_argument("--validation_epochs", type=int, default=None,
                    help="also validate every N epochs (default: at checkpoints only)")
     g.add_argument("--validation_holdout", type=int, default=None,
@@ -274,10 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward_batch_size", type=int, default=d.reward_batch_size)
     g.add_argument("--reward_resolution", type=int, default=None, help="default --resolution")
     g.add_argument("--reward_num_inference_steps", type=int, default=d.reward_num_inference_steps,
-                   help="DDIM steps of the reward sampler")
-    g.add_argument("--reward_guidance_scale", type=float, default=d.reward_guidance_scale)
+                   help="steps of the reward sampler (DDIM for SD, Euler for FLUX / SD3)")
+    g.add_argument("--reward_guidance_scale", type=float, default=None,
+                   help="guidance of the reward sampler; default the pipeline's (SD 7.5 CFG, FLUX.1 3.5 embedded, "
+                        "SD3 7 CFG)")
     g.add_argument("--reward_eta", type=float, default=d.reward_eta,
-                   help="DDIM eta of the reward sampler: 0 deterministic, 1 DDPM-like stochastic steps")
+                   help="DDIM eta of the reward sampler: 0 deterministic, 1 DDPM-like stochastic steps (flow "
+                        "matching: the same posterior of the linear path, at most 1)")
     g.add_argument("--refl_min_step", type=int, default=None,
                    help="ReFL stops at a random sampler step in [min, max); default the last quarter")
     g.add_argument("--refl_max_step", type=int, default=None)
@@ -326,7 +357,7 @@ def _check_choices(c: TrainConfig) -> None:
     for name, allowed in [("model_type", MODEL_TYPES), ("reward_mode", REWARD_MODES),
                           ("reward_schedule", SCHEDULES), ("reward_reduce", REDUCTIONS),
                           ("reward_weighting", WEIGHTINGS), ("draft_k_distribution", K_DISTRIBUTIONS),
-                          ("lr_scheduler", LR_SCHEDULERS)]:
+                          ("lr_scheduler", LR_SCHEDULERS), ("weighting_scheme", (None, *WEIGHTING_SCHEMES))]:
         if getattr(c, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(c, name)!r}.")
     if c.mixed_precision not in (None, *MIXED_PRECISIONS):

@@ -221,10 +221,14 @@ def write_model_card(
     identity_rows: Iterable[Mapping[str, object]] = (),
     best: Mapping[str, object] | None = None,
     selected_by: str = "identity_train",
+    comfyui_file: str | None = None,
+    heldout_references: Iterable[str] = (),
+    family_lines: Iterable[str] = (),
 ) -> Path:
     """A README.md next to the LoRA files: the base model and family, how to load the files, the reward settings,
-    and the identity curve (training-reference, held-out and mean-pool similarity). `config` is the run's
-    `TrainConfig`."""
+    the instance images held out of the reward, and the identity curve (training-reference, held-out and mean-pool
+    similarity). `config` is the run's `TrainConfig`; `comfyui_file` the file ComfyUI's LoraLoader takes (default the
+    kohya copy; FLUX.1 / SD3 take the diffusers file); `family_lines` the family's own settings (bullets)."""
     rows = list(identity_rows)
     c = config
     base_model = c.pretrained_model_name_or_path
@@ -247,10 +251,18 @@ def write_model_card(
         "",
         f"* Base model: `{base_model}` (family `{family}`); instance prompt: `{c.instance_prompt}`.",
         f"* Identity reward: {reward}.",
+        *family_lines,
         "* diffusers: `pipe.load_lora_weights(\"<this folder>\")` (`pytorch_lora_weights.safetensors`).",
-        f"* ComfyUI: copy `{c.kohya_lora_name}` into `models/loras` and use LoraLoader (kohya keys).",
-        "",
     ]
+    if comfyui_file is None:
+        lines.append(f"* ComfyUI: copy `{c.kohya_lora_name}` into `models/loras` and use LoraLoader (kohya keys).")
+    else:
+        lines.append(f"* ComfyUI: copy `{comfyui_file}` into `models/loras` and use LoraLoader (diffusers "
+                     "`transformer.*` keys, which ComfyUI maps for this family).")
+    heldout = list(heldout_references)
+    lines.append("* Held-out identity references (never seen by the reward): "
+                 + (", ".join(f"`{h}`" for h in heldout) if heldout else "none") + ".")
+    lines.append("")
     def fmt(value):
         return "-" if value in (None, "") else f"{float(value):.4f}"
 

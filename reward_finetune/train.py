@@ -20,7 +20,8 @@ the reward's identity are logged to the trackers and the progress bar.
 At every checkpoint (and every `--validation_epochs`) the validation images are scored against the training and the
 held-out instance images and with a mean-pool similarity (`reward_finetune.validation`): `identity.csv`,
 `identity_curve.png`, `best_checkpoint.json` (by held-out identity). Outputs: the family's LoRA files
-(`pytorch_lora_weights.safetensors`, `pipe.load_lora_weights`) and a kohya-key copy for ComfyUI's LoraLoader.
+(`pytorch_lora_weights.safetensors`, `pipe.load_lora_weights`) and, for SD1.5 / SDXL, a kohya-key copy for ComfyUI's
+LoraLoader (ComfyUI maps the diffusers keys of FLUX.1 / SD3 itself).
 All randomness of a step is drawn from generators seeded by (seed, step), with separate streams for the denoising
 loss and the reward, so a resumed run continues exactly and a `--reward_mode none` control sees the same denoising
 batches as a reward run.
@@ -30,6 +31,7 @@ Defaults that differ from diffusers' `train_dreambooth_lora*.py` are listed in `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -152,7 +154,8 @@ def ensure_class_images(config: TrainConfig, family: ModelFamily, resolution: in
     for start in range(0, missing, config.sample_batch_size):
         n = min(config.sample_batch_size, missing - start)
         with torch.no_grad():
-            images = pipe([config.class_prompt] * n, num_inference_steps=config.validation_num_inference_steps,
+            images = pipe(**family.prompt_inputs([config.class_prompt] * n, config.validation_guidance_scale),
+                          num_inference_steps=config.validation_num_inference_steps,
                           guidance_scale=config.validation_guidance_scale, height=resolution, width=resolution,
                           generator=generator).images
         for i, image in enumerate(images):
@@ -210,6 +213,15 @@ def resolve_family(config: TrainConfig) -> type[ModelFamily]:
         ) from err
     return family_class(detect_family(index.get("_class_name", ""),
                                       source=f"{config.pretrained_model_name_or_path}/model_index.json"))
+
+
+def with_family_defaults(config: TrainConfig, family_cls: type[ModelFamily]) -> TrainConfig:
+    """The config with the family's own defaults filled in (the guidance scales of its pipeline)."""
+    scale = family_cls.default_guidance_scale
+    return dataclasses.replace(
+        config, reward_guidance_scale=scale if config.reward_guidance_scale is None else config.reward_guidance_scale,
+        validation_guidance_scale=(scale if config.validation_guidance_scale is None
+                                   else config.validation_guidance_scale))
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -295,6 +307,8 @@ def register_lora_checkpoint_hooks(accelerator: Accelerator, family: ModelFamily
 def setup_run(config: TrainConfig) -> Run:
     """Accelerator, models, LoRA, optimizer, data, reward: everything before the first step."""
     family_cls = resolve_family(config)  # fails fast on an unsupported pipeline, before the accelerator
+    family_cls.check_config(config)  # and on the family's flags, before loading
+    config = with_family_defaults(config, family_cls)
     accelerator = make_accelerator(config)
     if config.seed is not None:
         set_seed(config.seed)
@@ -307,6 +321,7 @@ def setup_run(config: TrainConfig) -> Run:
     family = family_cls.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision,
                                         variant=config.variant, vae_path=config.pretrained_vae_model_name_or_path,
                                         prediction_type=config.prediction_type)
+    family.configure(config)
     weight_dtype = weight_dtype_of(accelerator)
     family.place(accelerator.device, weight_dtype)
     if config.with_prior_preservation and accelerator.is_main_process:
@@ -515,7 +530,8 @@ def validate(run: Run, checkpoint: str) -> dict | None:
     pipe = run.family.pipeline(model)
     generator = torch.Generator().manual_seed(c.seed or 0)
     with acc.autocast():
-        images = pipe([c.validation_prompt] * c.num_validation_images,
+        images = pipe(**run.family.prompt_inputs([c.validation_prompt] * c.num_validation_images,
+                                                 c.validation_guidance_scale),
                       num_inference_steps=c.validation_num_inference_steps, guidance_scale=c.validation_guidance_scale,
                       height=run.resolution, width=run.resolution, generator=generator, output_type="pt").images
     model.train(was_training)
@@ -569,8 +585,12 @@ def finish(run: Run, validated_at_last_step: bool) -> None:
                              metadata={"ss_sd_model_name": c.pretrained_model_name_or_path})
         if not validated_at_last_step:
             validate(run, "final")
+        files = image_files(c.instance_data_dir)
+        heldout = split_references(files, c.holdout_count(len(files)))[1]
         write_model_card(c.output_dir, run.family.name, c, run.identity_log.rows,
-                         run.identity_log.best(), run.identity_log.selection_metric)
+                         run.identity_log.best(), run.identity_log.selection_metric,
+                         comfyui_file=None if run.family.has_kohya_export else "pytorch_lora_weights.safetensors",
+                         heldout_references=[p.name for p in heldout], family_lines=run.family.model_card_lines())
     acc.end_training()
 
 

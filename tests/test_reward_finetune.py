@@ -416,13 +416,14 @@ def test_ratio_weighting_targets_the_gradient_norm_ratio_and_resumes():
 
 
 @pytest.mark.parametrize("pipeline_class, family", [("StableDiffusionPipeline", "sd15"),
-                                                     ("StableDiffusionXLPipeline", "sdxl")])
+                                                     ("StableDiffusionXLPipeline", "sdxl"), ("FluxPipeline", "flux"),
+                                                     ("StableDiffusion3Pipeline", "sd3")])
 def test_family_detection(pipeline_class, family):
     assert detect_family(pipeline_class) == family
     assert family_class(family).name == family
 
 
-@pytest.mark.parametrize("pipeline_class", ["FluxPipeline", "StableDiffusion3Pipeline", ""])
+@pytest.mark.parametrize("pipeline_class", ["PixArtAlphaPipeline", "KandinskyPipeline", ""])
 def test_unsupported_pipelines_are_refused_by_name(tmp_path, instance_dir, pipeline_class):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
     args = ["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir", str(instance_dir),
@@ -920,9 +921,9 @@ def test_default_reward_raises_identity_over_the_dreambooth_control(tmp_path, fa
 
 
 def test_command_line_mistakes_are_one_message_not_a_traceback(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     out = subprocess.run([sys.executable, "-m", "reward_finetune.train", "--pretrained_model_name_or_path",
                           str(tmp_path), "--instance_data_dir", str(tmp_path), "--instance_prompt", PROMPT,
                           "--report_to", "none", "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "FluxPipeline" in out.stderr and "StableDiffusionXLPipeline" in out.stderr
+    assert "PixArtAlphaPipeline" in out.stderr and "FluxPipeline" in out.stderr

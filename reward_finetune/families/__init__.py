@@ -16,6 +16,8 @@ __all__ = ["FAMILIES", "Conditioning", "ModelFamily", "RewardSampler", "Unsuppor
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sd15": ("stable_diffusion", "StableDiffusionFamily", ("StableDiffusionPipeline",)),
     "sdxl": ("stable_diffusion", "StableDiffusionXLFamily", ("StableDiffusionXLPipeline",)),
+    "flux": ("flux", "FluxFamily", ("FluxPipeline",)),
+    "sd3": ("sd3", "StableDiffusion3Family", ("StableDiffusion3Pipeline",)),
 }
 
 

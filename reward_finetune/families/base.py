@@ -45,6 +45,8 @@ def size_info(original_size: tuple[int, int], crop_top_left: tuple[int, int],
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")  # diffusers.training_utils' (flow loss)
+
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, timestep) -> model output
 
 
@@ -80,7 +82,9 @@ class ModelFamily(abc.ABC):
 
     name: ClassVar[str]  # the --model_type value, e.g. "sdxl"
     default_resolution: ClassVar[int]
+    default_guidance_scale: ClassVar[float] = 7.5  # the pipeline's default (reward / validation guidance)
     lora_target_modules: ClassVar[list[str]]
+    has_kohya_export: ClassVar[bool] = True  # save_lora also writes a kohya-key copy for ComfyUI
 
     denoiser: torch.nn.Module  # the UNet / transformer (gets the LoRA)
     vae: torch.nn.Module
@@ -90,6 +94,14 @@ class ModelFamily(abc.ABC):
     def from_pretrained(cls, path: str, revision: str | None = None, variant: str | None = None,
                         vae_path: str | None = None, prediction_type: str | None = None) -> "ModelFamily":
         """Load every component from a hub id or a pipeline directory."""
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Check the flags that depend on the family (`TrainConfig`), before anything is loaded; raise ValueError
+        naming the flag."""
+
+    def configure(self, config) -> None:
+        """Read the family's own flags from the run's `TrainConfig` (after loading, before training)."""
 
     @abc.abstractmethod
     def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -105,8 +117,18 @@ class ModelFamily(abc.ABC):
         (h, w) of each image (micro-conditioning; families without it ignore it)."""
 
     @abc.abstractmethod
-    def negative_conditioning(self, batch_size: int, size_info: torch.Tensor | None = None) -> Conditioning:
-        """The unconditional branch of classifier-free guidance, as the family's pipeline builds it."""
+    def negative_conditioning(self, batch_size: int, size_info: torch.Tensor | None = None) -> Conditioning | None:
+        """The unconditional branch of classifier-free guidance, as the family's pipeline builds it (None for a
+        family that samples without one, e.g. guidance-distilled FLUX.1)."""
+
+    def model_card_lines(self) -> list[str]:
+        """Markdown bullets of the family's own training settings for the model card (default none)."""
+        return []
+
+    def prompt_inputs(self, prompts: list[str], guidance_scale: float) -> dict:
+        """The prompt arguments of `pipeline(model)(...)` for `prompts` (validation, class images): the prompts
+        themselves, or cached embeddings where the text encoders are offloaded."""
+        return {"prompt": prompts}
 
     @abc.abstractmethod
     def predict(self, model: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
@@ -143,9 +165,17 @@ class ModelFamily(abc.ABC):
     def reward_sampler(self, num_inference_steps: int, device: torch.device, dtype: torch.dtype) -> RewardSampler:
         """The sampler of the reward, set to `num_inference_steps`."""
 
-    @abc.abstractmethod
     def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
-        """Freeze the denoiser and add a PEFT LoRA adapter on `lora_target_modules`."""
+        """Freeze the denoiser and add a PEFT LoRA adapter on `lora_target_modules` (gaussian init, as diffusers'
+        DreamBooth LoRA scripts); the LoRA weights stay fp32 under mixed precision."""
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                             init_lora_weights="gaussian", target_modules=self.lora_target_modules))
+        if next(self.denoiser.parameters()).dtype != torch.float32:
+            cast_training_params(self.denoiser, dtype=torch.float32)
 
     @abc.abstractmethod
     def save_lora(self, model: torch.nn.Module, directory: str | Path, kohya_name: str | None = None,
