@@ -37,6 +37,7 @@ from transformers import (  # noqa: E402
 
 from nearid_core import runs  # noqa: E402
 from reward_finetune import train  # noqa: E402
+from reward_finetune.config import parse_args  # noqa: E402
 from reward_finetune.families import family_class  # noqa: E402
 
 PIPELINES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
@@ -229,3 +230,196 @@ def test_saved_keys_are_transformer_module_lora_a_and_b(resumed_run, model_dirs)
     assert header["transformer.r"] == 4 and header["transformer.lora_alpha"] == 4.0
     assert sorted(header["transformer.target_modules"]) == sorted(fam.lora_target_modules)
     assert all(any(m.endswith(t) for t in fam.lora_target_modules) for m in wrapped)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The default reward raises identity (final LoRA loaded by diffusers, fixed-seed samples, vs a same-seed control)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sample_identity(family: str, model_dir: Path, lora_dir: Path, scorer, references: list[str]) -> float:
+    """Mean NearID cosine to the instance images of 8 fixed-seed samples (20 steps, the pipeline's default
+    guidance) of a fresh pipeline with the LoRA loaded."""
+    pipe = PIPELINES[family].from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    images = generate(pipe, guidance_scale=train.family_class(family).default_guidance_scale, steps=20, n=8)
+    return float(scorer.score(references, images).mean())
+
+
+def identity_gain_runs(tmp_path: Path, family: str, model_dir: Path, instance_dir: Path, release_dir: Path, scorer,
+                       modes=("none", "refl"), *extra: str) -> dict[str, float]:
+    references = [str(p) for p in train.image_files(instance_dir)]
+    measured = {}
+    for mode in modes:  # only --reward_mode differs: every reward flag at its default
+        out = tmp_path / mode
+        run = train.main(["--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(instance_dir),
+                          "--instance_prompt", PROMPT, "--output_dir", str(out), "--nearid_model", str(release_dir),
+                          "--resolution", "32", "--report_to", "none", "--seed", "0", "--max_train_steps", "40",
+                          "--learning_rate", "5e-3", "--max_sequence_length", str(MAX_SEQUENCE_LENGTH),
+                          "--reward_mode", mode, *extra])
+        assert run.config.reward_weighting == "ratio" and run.config.reward_weight == 1.0
+        measured[mode] = sample_identity(family, model_dir, out, scorer, references)
+    return measured
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_default_reward_raises_identity_over_the_dreambooth_control(tmp_path, family, model_dirs, instance_dir,
+                                                                   release_dir, scorer):
+    measured = identity_gain_runs(tmp_path, family, model_dirs[family], instance_dir, release_dir, scorer)
+    gain = measured["refl"] - measured["none"]
+    print(family, "identity of final-LoRA samples:", measured, f"gain {gain:+.4f}")
+    assert gain >= 0.02, measured
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reward sampler and the loss, against diffusers' own pipelines and definitions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def loaded_family(family: str, model_dir: Path):
+    fam = family_class(family).from_pretrained(str(model_dir))
+    fam.options.max_sequence_length = MAX_SEQUENCE_LENGTH
+    fam.place(torch.device("cpu"), torch.float32)
+    return fam
+
+
+@pytest.mark.parametrize("family, guidance", [("flux", 3.5), ("sd3", 7.0), ("sd3", 1.0)])
+def test_reward_sampler_follows_the_pipeline(model_dirs, family, guidance):
+    """Euler through the reward sampler (own prompt encoding, packing, schedule with FLUX's dynamic shift, guidance
+    embedding or CFG) ends where the family's diffusers pipeline ends from the same noise."""
+    fam = loaded_family(family, model_dirs[family])
+    uncond = fam.negative_conditioning(1) if guidance > 1 else None
+    denoise = fam.denoiser_fn(fam.denoiser, fam.conditioning([PROMPT]), uncond, guidance)
+    sampler = fam.reward_sampler(4, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        latents = sampler.initial_latents(1, 32, torch.Generator().manual_seed(0))
+        for i in range(4):
+            latents = sampler.step(denoise, latents, i)
+        expected = fam.pipeline(fam.denoiser)(PROMPT, num_inference_steps=4, guidance_scale=guidance, height=32,
+                                              width=32, max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="latent",
+                                              generator=torch.Generator().manual_seed(0)).images
+    if family == "flux":
+        expected = FluxPipeline._unpack_latents(expected, 32, 32, fam.vae_scale)
+        assert fam.guidance_embeds and 760 < sampler.timesteps[1] < 890  # shifted by mu (64 tokens): neither
+        # the unshifted 750 nor the static shift 3's 900
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_flow_step_x0_renoise_and_eta_keep_the_linear_path(model_dirs):
+    """With the exact velocity v = eps - x0, x0 = x_t - sigma * v is exact, re-noising lands on (1 - s) x0 + s eps,
+    and a step with any eta in [0, 1] keeps the marginal of the path: x0 scaled by 1 - s', noise of std s'."""
+    fam = loaded_family("flux", model_dirs["flux"])
+    sampler = fam.reward_sampler(5, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 4, 16, 16, generator=g), torch.randn(64, 4, 16, 16, generator=g)
+    sampler.initial_latents(1, 32, g)  # the 32 px schedule
+    sigmas = sampler.sigmas
+    i = 2
+    x_t = (1 - sigmas[i]) * x0 + sigmas[i] * eps
+
+    def oracle(latents, t):
+        return eps - x0
+
+    torch.testing.assert_close(sampler.predict_x0(oracle, x_t, i), x0, atol=1e-5, rtol=0)
+    for eta in (0.0, 0.5, 1.0):
+        out = sampler.step(oracle, x_t, i, eta=eta, generator=torch.Generator().manual_seed(1))
+        noise = (out - (1 - sigmas[i + 1]) * x0) / sigmas[i + 1]
+        assert abs(float(noise.std()) - 1) < 0.02 and abs(float(noise.mean())) < 0.02, eta
+        if eta == 0:
+            torch.testing.assert_close(out, x_t + (sigmas[i + 1] - sigmas[i]) * (eps - x0))
+        else:  # stochastic, and reproducible from the generator
+            again = sampler.step(oracle, x_t, i, eta=eta, generator=torch.Generator().manual_seed(1))
+            other = sampler.step(oracle, x_t, i, eta=eta, generator=torch.Generator().manual_seed(2))
+            assert torch.equal(out, again) and not torch.equal(out, other)
+    renoised = sampler.renoise(x0, i, torch.Generator().manual_seed(3))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(renoised, (1 - sigmas[i]) * x0 + sigmas[i] * noise)
+
+
+def test_denoising_loss_is_diffusers_flow_matching_loss(model_dirs):
+    """weighting 'none': mean over pixels of (v - (noise - x0))^2 with the noise drawn first from the step's
+    generator; with precondition_outputs (SD3's default) the loss is on x_t - sigma * v against x0."""
+    fam = loaded_family("flux", model_dirs["flux"])
+    cond = fam.conditioning([PROMPT, PROMPT])
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    fam.predict = lambda model, latents, t, c: torch.zeros_like(latents)  # a model that predicts v = 0
+    loss = fam.denoising_loss(fam.denoiser, x0, cond, torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, ((noise - x0) ** 2).flatten(1).mean(1))
+    fam.options.precondition_outputs = True  # then x_t - sigma * 0 = x_t against x0: sigma^2 (noise - x0)^2
+    loss = fam.denoising_loss(fam.denoiser, x0, cond, torch.Generator().manual_seed(0))
+    ratio = loss / ((noise - x0) ** 2).flatten(1).mean(1)
+    train_sigmas = fam.noise_scheduler.sigmas
+    assert all(torch.isclose(train_sigmas, r.sqrt(), atol=1e-5).any() for r in ratio)  # sigma^2 of drawn timesteps
+
+
+def tiny_flow_run(family, model_dir, instance_dir, release_dir, output_dir, *extra):
+    return train.setup_run(parse_args(base_args(model_dir, instance_dir, release_dir, output_dir, *extra)))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("flags", [
+    ["--reward_mode", "refl", "--reward_eta", "1.0"],
+    ["--reward_mode", "draft", "--draft_k", "2", "--draft_k_distribution", "gaussian", "--reward_eta", "0.5"],
+    ["--reward_mode", "draft_lv", "--draft_lv_n", "2", "--reward_guidance_scale", "2"],
+], ids=["refl-eta", "alignprop-gaussian-eta", "draft-lv-guidance"])
+def test_every_reward_sampler_reaches_the_lora(tmp_path, model_dirs, instance_dir, release_dir, family, flags):
+    run = tiny_flow_run(family, model_dirs[family], instance_dir, release_dir, tmp_path, "--gradient_checkpointing",
+                        *flags)
+    with torch.no_grad():  # LoRA B starts at zero: make it non-zero so that A gets gradients too
+        for n, p in run.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    losses, logs = train.reward_loss(run, train.step_generator(0, 0, stream=train.REWARD_STREAM))
+    assert losses.shape == ((2,) if "draft_lv" in flags else (1,)) and 0 <= logs["identity"] <= 1 + 1e-6
+    losses.mean().backward()
+    grads = [p.grad for p in run.trainable]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline_class, extra, flag", [
+    ("FluxPipeline", ["--reward_eta", "1.5"], "--reward_eta"),
+    ("StableDiffusion3Pipeline", ["--reward_eta", "2"], "--reward_eta"),
+    ("FluxPipeline", ["--max_sequence_length", "513"], "--max_sequence_length"),
+    ("FluxPipeline", ["--prediction_type", "epsilon"], "--prediction_type"),
+])
+def test_family_flags_are_checked_before_loading(tmp_path, instance_dir, pipeline_class, extra, flag):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))  # nothing to load
+    args = ["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--report_to", "none", "--output_dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(ValueError, match=flag):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_flow_flags_use_diffusers_spelling_and_family_defaults(tmp_path, flux_dir, sd3_dir, instance_dir,
+                                                               release_dir):
+    cfg = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(instance_dir),
+                      "--instance_prompt", PROMPT, "--report_to", "none", "--guidance_scale", "1", "--weighting_scheme",
+                      "logit_normal", "--logit_mean", "0.5", "--logit_std", "2", "--mode_scale", "1.1",
+                      "--max_sequence_length", "256", "--precondition_outputs", "0"])
+    assert (cfg.guidance_scale, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
+            cfg.max_sequence_length, cfg.precondition_outputs) == (1.0, "logit_normal", 0.5, 2.0, 1.1, 256, 0)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(instance_dir),
+                    "--instance_prompt", PROMPT, "--weighting_scheme", "uniform"])
+    for family, model_dir in (("flux", flux_dir), ("sd3", sd3_dir)):
+        args = base_args(model_dir, instance_dir, release_dir, tmp_path / family, "--reward_mode", "none")
+        i = args.index("--resolution")
+        for flag in ("--reward_guidance_scale", "--validation_guidance_scale"):
+            j = args.index(flag)
+            args = args[:j] + args[j + 2:]
+        run = train.setup_run(parse_args(args[:i] + args[i + 2:]))
+        o = run.family.options
+        assert run.resolution == 1024 and run.config.reward_guidance_scale == run.config.validation_guidance_scale
+        if family == "flux":
+            assert (o.weighting_scheme, o.precondition_outputs, o.guidance_scale) == ("none", False, 3.5)
+            assert run.config.reward_guidance_scale == 3.5
+        else:
+            assert (o.weighting_scheme, o.precondition_outputs) == ("logit_normal", True)
+            assert run.config.reward_guidance_scale == 7.0
