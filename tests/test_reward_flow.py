@@ -6,8 +6,11 @@ FLUX.1 / SD3.5 shapes when NEARID_COMFYUI names a ComfyUI checkout), and the ide
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -423,3 +426,141 @@ def test_flow_flags_use_diffusers_spelling_and_family_defaults(tmp_path, flux_di
         else:
             assert (o.weighting_scheme, o.precondition_outputs) == ("logit_normal", True)
             assert run.config.reward_guidance_scale == 7.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LoRA files at the real FLUX.1 / SD3.5 shapes: the key format, and ComfyUI's own key mapping
+# ----------------------------------------------------------------------------------------------------------------------
+
+REAL_TRANSFORMERS = {  # the transformer/config.json of each hub checkpoint
+    "flux1-dev": ("flux", FluxTransformer2DModel, dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+    "sd3.5-large": ("sd3", SD3Transformer2DModel, dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "sd3.5-medium": ("sd3", SD3Transformer2DModel, dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
+}
+
+
+def save_real_shape_lora(name: str, directory: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """The family's LoRA file for the real transformer: the transformer on the meta device, the rank-1 LoRA
+    materialised on the CPU (random), written by the family's `save_lora`. Returns (family, file tensors)."""
+    from accelerate import init_empty_weights
+    from peft.tuners.lora import LoraLayer
+
+    family, cls, config = REAL_TRANSFORMERS[name]
+    with init_empty_weights(include_buffers=True):  # SD3's positional table alone is 0.9 GB at real size
+        transformer = cls(**config)
+    fam = family_class(family)([], [], None, transformer, None)
+    fam.add_lora(rank=1, alpha=1.0, dropout=0.0)
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            for part in (module.lora_A, module.lora_B):
+                part.to_empty(device="cpu")
+                for p in part.parameters():
+                    torch.nn.init.normal_(p)
+    fam.save_lora(transformer, directory)
+    return fam, lora_tensors(directory)
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TRANSFORMERS))
+def test_real_shape_lora_keys_are_transformer_module_lora_a_and_b(tmp_path, name):
+    fam, tensors = save_real_shape_lora(name, tmp_path)
+    modules = {n: m for n, m in fam.denoiser.named_modules() if hasattr(m, "lora_A")}
+    assert set(tensors) == {f"transformer.{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
+    for n, m in modules.items():
+        assert tensors[f"transformer.{n}.lora_A.weight"].shape == (1, m.in_features)
+        assert tensors[f"transformer.{n}.lora_B.weight"].shape == (m.out_features, 1)
+
+
+@pytest.fixture
+def comfyui(monkeypatch):
+    """ComfyUI's `comfy.lora` and `comfy.utils` (and the stand-in `comfy.model_base`) from the checkout named by
+    NEARID_COMFYUI; skips without it.
+
+    `comfy.model_base` imports every architecture ComfyUI ships (torchvision, ...); the key mapping only tests the
+    model's class, so `comfy.lora` gets a stand-in `comfy.model_base` whose classes are empty. Everything else,
+    `model_lora_keys_unet`, `flux_to_diffusers` / `mmdit_to_diffusers` and `load_lora`, is ComfyUI's own code.
+    """
+    import types
+
+    root = os.environ.get("NEARID_COMFYUI")
+    if not root:
+        pytest.skip("set NEARID_COMFYUI to a ComfyUI checkout (with einops installed) to run ComfyUI's key mapping")
+
+    def comfy_names():
+        return [m for m in sys.modules if m == "comfy" or m.startswith(("comfy.", "comfy_"))]
+
+    before = {name: sys.modules.pop(name) for name in comfy_names()}  # e.g. the node tests' stand-ins
+    monkeypatch.syspath_prepend(root)
+    monkeypatch.setattr(sys, "argv", ["comfyui", "--cpu"])
+    classes: dict[str, type] = {}
+    model_base = types.ModuleType("comfy.model_base")
+    model_base.__getattr__ = lambda cls: classes.setdefault(cls, type(cls, (), {}))
+    sys.modules["comfy.model_base"] = model_base
+    try:
+        import comfy
+        import comfy.options
+
+        comfy.model_base = model_base
+        comfy.options.enable_args_parsing()  # --cpu: model_management must not look for CUDA
+        import comfy.lora
+        import comfy.utils
+
+        yield comfy.lora, comfy.utils, model_base
+    finally:
+        for name in comfy_names():
+            del sys.modules[name]
+        sys.modules.update(before)
+
+
+def comfy_unet_config(name: str) -> dict:
+    """The `unet_config` ComfyUI's model detection derives from the checkpoint (the keys its key maps read)."""
+    family, _, c = REAL_TRANSFORMERS[name]
+    hidden = c["num_attention_heads"] * c["attention_head_dim"]
+    if family == "flux":
+        return {"image_model": "flux", "depth": c["num_layers"], "depth_single_blocks": c["num_single_layers"],
+                "hidden_size": hidden, "num_heads": c["num_attention_heads"], "guidance_embed": c["guidance_embeds"]}
+    return {"depth": hidden // 64, "num_blocks": c["num_layers"]}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TRANSFORMERS))
+def test_comfyui_maps_every_key_of_the_real_shape_lora(tmp_path, comfyui, caplog, name):
+    comfy_lora, comfy_utils, model_base = comfyui
+    _, tensors = save_real_shape_lora(name, tmp_path)
+    family = REAL_TRANSFORMERS[name][0]
+    config = comfy_unet_config(name)
+    to_comfy = (comfy_utils.flux_to_diffusers if family == "flux" else comfy_utils.mmdit_to_diffusers)(
+        config, output_prefix="diffusion_model.")
+    comfy_weights = {v if isinstance(v, str) else v[0] for v in to_comfy.values()}
+
+    class Model(getattr(model_base, "Flux" if family == "flux" else "SD3")):
+        model_config = types_namespace(unet_config=config)
+
+        def state_dict(self):  # the names of ComfyUI's own weights
+            return dict.fromkeys(comfy_weights)
+
+    key_map = comfy_lora.model_lora_keys_unet(Model(), {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy_lora.load_lora(tensors, key_map)
+    not_loaded = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    print(f"{name}: {len(tensors)} LoRA tensors of {len(modules)} modules; ComfyUI patches {len(patches)} weights; "
+          f"unmapped keys: {len(not_loaded)}")
+    assert not_loaded == [] and len(patches) == len(modules)
+    for module in modules:  # a q / k / v LoRA patches its slice of ComfyUI's fused qkv weight: the sizes agree
+        target = key_map[module]
+        if isinstance(target, tuple) and target[1] is not None:
+            assert tensors[f"{module}.lora_B.weight"].shape[0] == target[1][2], module
+
+
+def types_namespace(**kwargs):
+    import types
+
+    return types.SimpleNamespace(**kwargs)
