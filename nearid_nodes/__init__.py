@@ -1,4 +1,5 @@
-"""ComfyUI nodes over nearid_core: model loader, embed, score, best-of-N, threshold filter, attention heatmap.
+"""ComfyUI nodes over nearid_core: model loader, embed, score, best-of-N, threshold filter, attention heatmap,
+identity guidance.
 
 Node IDs are frozen (saved workflows refer to them); rename display names only.
 """
@@ -12,6 +13,7 @@ except ImportError:  # cloned into custom_nodes/: ComfyUI imports the folder by 
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from . import comfy_env  # noqa: E402
+from .guidance import NearIDIdentityGuidance
 from .heatmap import NearIDAttentionHeatmap
 from .loader import NearIDModelHandle as NearIDModelHandle
 from .loader import NearIDModelLoader
@@ -28,6 +30,7 @@ NODE_CLASS_MAPPINGS = {
     "NearIDBestOfN": NearIDBestOfN,
     "NearIDThresholdFilter": NearIDThresholdFilter,
     "NearIDAttentionHeatmap": NearIDAttentionHeatmap,
+    "NearIDIdentityGuidance": NearIDIdentityGuidance,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -37,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NearIDBestOfN": "NearID Best-of-N",
     "NearIDThresholdFilter": "NearID Threshold Filter",
     "NearIDAttentionHeatmap": "NearID Attention Heatmap",
+    "NearIDIdentityGuidance": "NearID Identity Guidance",
 }
 
 WEB_DIRECTORY = "./web"  # resolved by ComfyUI relative to the pack root (the repository root)

@@ -215,6 +215,12 @@ def intermediate_device() -> torch.device:
     return torch.device(mm.intermediate_device()) if mm is not None else torch.device("cpu")
 
 
+def oom_exception() -> type[BaseException]:
+    """The out-of-memory exception to catch: ComfyUI's `OOM_EXCEPTION`, torch's outside ComfyUI."""
+    mm = _module("comfy.model_management")
+    return getattr(mm, "OOM_EXCEPTION", torch.OutOfMemoryError) if mm is not None else torch.OutOfMemoryError
+
+
 def skip_downstream(fallback):
     """An output value that makes ComfyUI silently skip the nodes using it (`ExecutionBlocker(None)`), e.g. so that a
     Save Image on an empty branch does not fail; outside ComfyUI there is nothing downstream: `fallback`."""

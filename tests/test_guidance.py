@@ -4,8 +4,10 @@ measured effect on tiny random SD1.5 and FLUX.1 pipelines (fixed seeds, guided v
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 
@@ -21,6 +23,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
 )
 
+import test_nodes  # noqa: E402
 import test_reward_finetune as sd_tests  # noqa: E402
 import test_reward_flow as flow_tests  # noqa: E402
 from nearid_core.guidance import (  # noqa: E402
@@ -35,10 +38,14 @@ from nearid_core.guidance_diffusers import (  # noqa: E402
     pipeline_decoder,
     x0_coefficients,
 )
+from nearid_nodes.guidance import ADDITIONAL_MODELS_KEY, NearIDIdentityGuidance  # noqa: E402
+from nearid_nodes.loader import DEFAULT_CHOICE, NearIDModelLoader  # noqa: E402
+from nearid_nodes.scoring import NearIDEmbed  # noqa: E402
 
 # fixtures of the reward tests: one torch thread (autouse), the subject images, the tiny NearID scorer, tiny FLUX.1
 one_thread, instance_dir, scorer, flux_dir = sd_tests.one_thread, sd_tests.instance_dir, sd_tests.scorer, \
     flow_tests.flux_dir
+fake_comfy, Interrupted = test_nodes.fake_comfy, test_nodes.Interrupted  # ComfyUI stand-ins (sys.modules)
 PROMPT = sd_tests.PROMPT
 
 
@@ -298,3 +305,208 @@ def test_default_guidance_raises_identity_and_more_strength_raises_it_more(famil
     unguided, default, double = (measured[s][0] for s in measured)
     assert default - unguided >= 0.05, measured
     assert double > default, measured
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ComfyUI: the NearIDIdentityGuidance node inside a ComfyUI-style sampler (stand-ins for comfy.* from test_nodes)
+# ----------------------------------------------------------------------------------------------------------------------
+
+SD_LATENT_SCALE = 0.18215
+
+
+class DiscreteSampling:
+    """ComfyUI's ModelSamplingDiscrete on a DDPM schedule: sigma table, timestep(sigma), percent_to_sigma."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (self.sigmas.log() - sigma.log()).abs().argmin()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        t = (1.0 - percent) * (len(self.sigmas) - 1)
+        low, w = int(t), t - int(t)
+        high = min(low + 1, len(self.sigmas) - 1)
+        return float(((1 - w) * self.sigmas[low].log() + w * self.sigmas[high].log()).exp())
+
+
+class BaseModel:
+    """comfy.model_base.BaseModel stand-in: the tiny SD1.5 UNet as an epsilon model in ComfyUI's sigma space."""
+
+    def __init__(self, pipe) -> None:
+        self.unet = pipe.unet
+        self.model_sampling = DiscreteSampling(pipe.scheduler.alphas_cumprod)
+
+    def process_latent_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / SD_LATENT_SCALE
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        t = self.model_sampling.timestep(sigma)
+        eps = self.unet(x / (sigma**2 + 1) ** 0.5, t, encoder_hidden_states=context).sample
+        return x - sigma * eps
+
+
+class ModelPatcher:
+    """The MODEL socket: comfy.model_patcher.ModelPatcher's clone / post-CFG / additional-model API."""
+
+    def __init__(self, model: BaseModel) -> None:
+        self.model, self.model_options, self.additional_models = model, {}, {}
+
+    def clone(self) -> "ModelPatcher":
+        n = ModelPatcher(self.model)
+        n.model_options = {k: list(v) if isinstance(v, list) else v for k, v in self.model_options.items()}
+        n.additional_models = dict(self.additional_models)
+        return n
+
+    def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization: bool = False) -> None:
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function",
+                                                                                 []) + [fn]
+
+    def set_additional_models(self, key: str, models: list) -> None:
+        self.additional_models[key] = models
+
+
+class Decoder(torch.nn.Module):
+    """A VAE's first_stage_model: decode(z) of unscaled latents -> images in [-1, 1]."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+
+class VAE:
+    """comfy.sd.VAE stand-in whose weights were loaded under inference mode, as a checkpoint loader node's are."""
+
+    def __init__(self, pipe, patcher_cls, latent_channels: int = 4, latent_dim: int = 2) -> None:
+        from diffusers import AutoencoderKL
+
+        with torch.inference_mode():
+            vae = AutoencoderKL.from_config(pipe.vae.config)
+            vae.load_state_dict(pipe.vae.state_dict())
+        assert next(vae.parameters()).is_inference()
+        self.first_stage_model = Decoder(vae.eval())
+        self.vae_dtype, self.latent_channels, self.latent_dim = torch.float32, latent_channels, latent_dim
+        self.patcher = patcher_cls(self.first_stage_model, torch.device("cpu"), torch.device("cpu"))
+
+
+def comfy_sample(patcher: ModelPatcher, pipe, n: int = 4, steps: int = 20, cfg: float = 7.5,
+                 seed: int = 0) -> torch.Tensor:
+    """ComfyUI's Euler sampler with CFG and the post-CFG hook (comfy.samplers.cfg_function), inside inference mode
+    as the KSampler node runs; returns the decoded 32 px images [n, 3, H, W] in 0..1, as VAE Decode does."""
+    model = patcher.model
+    table = model.model_sampling.sigmas
+    sigmas = torch.cat([table.flip(0)[torch.linspace(0, len(table) - 1, steps).round().long()], torch.zeros(1)])
+    options = dict(patcher.model_options, transformer_options={"sample_sigmas": sigmas})
+    with torch.inference_mode():
+        ids = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        cond, uncond = (e.expand(n, -1, -1) for e in pipe.text_encoder(ids)[0].chunk(2))
+        x = torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+        for i in range(steps):
+            s = sigmas[i]
+            c, u = model.denoise(x, s, cond), model.denoise(x, s, uncond)
+            denoised = u + (c - u) * cfg
+            for fn in options.get("sampler_post_cfg_function", []):
+                denoised = fn({"denoised": denoised, "cond": None, "uncond": None, "cond_scale": cfg, "model": model,
+                               "uncond_denoised": u, "cond_denoised": c, "sigma": s.expand(n),
+                               "model_options": options, "input": x})
+            x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+        return ((pipe.vae.decode(x / SD_LATENT_SCALE).sample + 1) / 2).clamp(0, 1)
+
+
+@pytest.fixture
+def comfy_setup(fake_comfy, sd_pipe, release_dir, instance_dir):
+    """(fake comfy, MODEL, VAE, NEARID_MODEL handle on device auto (ComfyUI-managed), NEARID_EMBEDDING of the refs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEARID_ALLOW_ANY_MODEL_PATH", "1")
+        (handle,) = NearIDModelLoader().load(DEFAULT_CHOICE, "auto", "float32", 4, hub_id=str(release_dir))
+    embedding = None
+    for path in references(instance_dir):
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)[None]
+        (embedding,) = NearIDEmbed().embed(handle, image, embedding)["result"]
+    vae = VAE(sd_pipe, fake_comfy.modules["comfy.model_patcher"].ModelPatcher)
+    return fake_comfy, ModelPatcher(BaseModel(sd_pipe)), vae, handle, embedding
+
+
+def patch(comfy_setup, **options):
+    _, model, vae, handle, embedding = comfy_setup
+    defaults = dict(strength=DEFAULT_STRENGTH, start_percent=0.0, end_percent=1.0)
+    with torch.inference_mode():
+        (patched,) = NearIDIdentityGuidance().patch(model, handle, vae, reference_embedding=embedding,
+                                                     **{**defaults, **options})
+    return patched
+
+
+def test_node_patches_a_clone_and_loads_vae_and_nearid_with_the_model(comfy_setup):
+    _, model, vae, handle, _ = comfy_setup
+    patched = patch(comfy_setup)
+    assert patched is not model and model.model_options == {} and model.additional_models == {}
+    assert len(patched.model_options["sampler_post_cfg_function"]) == 1
+    assert patched.additional_models[ADDITIONAL_MODELS_KEY] == [vae.patcher, handle.patcher]
+    assert NearIDIdentityGuidance.VALIDATE_INPUTS(start_percent=0.6, end_percent=0.4).startswith("start_percent")
+    assert NearIDIdentityGuidance.VALIDATE_INPUTS(start_percent=0.2, end_percent=0.4) is True
+
+
+def test_node_guided_ksampler_raises_identity_under_inference_mode(comfy_setup, sd_pipe, scorer, instance_dir):
+    """Batch of 4 with CFG 7.5, weights of the VAE and NearID loaded under inference mode, sampled inside it."""
+    fake, model, _, handle, _ = comfy_setup
+    refs = references(instance_dir)
+    plain = identity(scorer, refs, comfy_sample(model, sd_pipe))
+    guided_images = comfy_sample(patch(comfy_setup), sd_pipe)
+    guided_score = identity(scorer, refs, guided_images)
+    print("ComfyUI sampler (NearID, mean-pool): unguided", plain, "guided", guided_score)
+    assert guided_score[0] - plain[0] >= 0.05
+    assert fake.loads and all(p.grad is None for p in handle.scorer.model.parameters())
+    assert fake.interrupt_checks >= 2 * 20  # before the decode and between decode and NearID, every guided step
+
+
+def test_node_window_is_comfyuis_percent_of_the_schedule(comfy_setup, sd_pipe):
+    patched = patch(comfy_setup, start_percent=0.5, end_percent=1.0, every_n_steps=2)
+    guidance = patched.model_options["sampler_post_cfg_function"][0].guidance
+    comfy_sample(patched, sd_pipe, n=1, steps=10)
+    sampling = patched.model.model_sampling
+    table = sampling.sigmas
+    sigmas = table.flip(0)[torch.linspace(0, len(table) - 1, 10).round().long()]
+    in_window = [i for i, s in enumerate(sigmas) if float(s) <= sampling.percent_to_sigma(0.5) and i % 2 == 0]
+    assert guidance.guided_steps == len(in_window) > 0
+
+
+def test_node_interrupt_stops_mid_guidance(comfy_setup, sd_pipe):
+    fake = comfy_setup[0]
+    patched = patch(comfy_setup)
+    fake.interrupt_checks, fake.interrupt_after = 0, 1  # the check after the first decode raises
+    with pytest.raises(Interrupted):
+        comfy_sample(patched, sd_pipe, n=1, steps=4)
+    assert fake.interrupt_checks == 2
+
+
+def test_node_never_fails_the_prompt_for_latents_it_cannot_guide(comfy_setup, sd_pipe, monkeypatch, caplog):
+    fake, model, _, handle, embedding = comfy_setup
+    video_vae = VAE(sd_pipe, fake.modules["comfy.model_patcher"].ModelPatcher, latent_dim=3)
+    with torch.inference_mode():
+        (patched,) = NearIDIdentityGuidance().patch(model, handle, video_vae, DEFAULT_STRENGTH, 0.0, 1.0,
+                                                     reference_embedding=embedding)
+    fn = patched.model_options["sampler_post_cfg_function"][0]
+    args = {"denoised": torch.randn(1, 4, 2, 4, 4), "sigma": torch.ones(1), "model": model.model, "model_options": {}}
+    assert fn(args) is args["denoised"] and "unguided" in caplog.text
+    oom = patch(comfy_setup).model_options["sampler_post_cfg_function"][0]
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("test")
+
+    monkeypatch.setattr(oom.vae.first_stage_model, "decode", out_of_memory)
+    args["denoised"] = torch.randn(1, 4, 4, 4)
+    assert oom(args) is args["denoised"] and "out of memory" in caplog.text
+    wrong = VAE(sd_pipe, fake.modules["comfy.model_patcher"].ModelPatcher, latent_channels=16)
+    with torch.inference_mode():
+        (patched,) = NearIDIdentityGuidance().patch(model, handle, wrong, DEFAULT_STRENGTH, 0.0, 1.0,
+                                                     reference_embedding=embedding)
+    with pytest.raises(ValueError, match="16-channel"):
+        patched.model_options["sampler_post_cfg_function"][0](args)

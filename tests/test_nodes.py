@@ -197,7 +197,7 @@ def test_root_entry_imports_like_comfyui(monkeypatch):
 def test_node_ids_are_frozen_and_prefixed():
     assert list(nearid_nodes.NODE_CLASS_MAPPINGS) == [
         "NearIDModelLoader", "NearIDEmbed", "NearIDScore", "NearIDBestOfN", "NearIDThresholdFilter",
-        "NearIDAttentionHeatmap",
+        "NearIDAttentionHeatmap", "NearIDIdentityGuidance",
     ]
 
 
