@@ -9,9 +9,14 @@ Real SigLIP2 so400m/14@384 architecture with random weights (speed does not depe
                     `nearid_core.attention`);
 * bf16:             bf16 trunk, fp32 MAP head, the scorer's CPU attention (the scorer's bf16 mode);
 * default:          NearIDScorer's own choice here (`nearid_core.precision`: flags, then a timed probe).
+* int8:             opt-in ``quantize="int8"`` (torchao int8 dynamic-activation/int8-weight linears in the trunk, fp32
+                    elsewhere, fp32 head, each layer under torch.compile); "int8, eager" without compile; "int8, bf16
+                    eager" with bf16 around the linears (torch 2.13's inductor cannot compile that one). Skipped without
+                    torchao.
 
 Prints, per variant, the speed ratio to plain (min and median over the interleaved repeats), the minimum cosine to
-plain, the probe's decision, and the MAP head's time per image in bf16 vs fp32. On CUDA it also prints fp16 and bf16
+plain, the probe's decision, and the MAP head's time per image in bf16 vs fp32; int8 also as ratios to the default and
+its rank agreement with fp32 on a ranking task (`rank_agreement`). On CUDA it also prints fp16 and bf16
 throughput and the fraction of the GPU's bf16 peak (pass --peak-tflops for your card; default 989 = H100 SXM).
 
     python benchmarks/embed_throughput.py [--batch-size 8] [--repeats 3] [--device cpu|cuda]
@@ -81,11 +86,62 @@ def timed(fn, repeats: int) -> tuple[list[float], torch.Tensor]:
     return times, out
 
 
-def ratio_line(label: str, plain: list[float], variant: list[float], cos: float) -> str:
-    """Speed ratios per interleaved repeat (plain time / variant time): min and median."""
+def ratio_line(label: str, plain: list[float], variant: list[float], cos: float,
+               default: list[float] | None = None) -> str:
+    """Speed ratios per interleaved repeat (plain time / variant time): min and median; also x `default` if given."""
     ratios = [p / v for p, v in zip(plain, variant)]
-    return (f"{label:<18} x plain: min {min(ratios):5.2f}  median {statistics.median(ratios):5.2f}   "
+    line = (f"{label:<18} x plain: min {min(ratios):5.2f}  median {statistics.median(ratios):5.2f}   "
             f"min cosine vs plain {cos:.5f}")
+    if default is not None:
+        to_default = [d / v for d, v in zip(default, variant)]
+        line += f"   x default: min {min(to_default):4.2f}  median {statistics.median(to_default):4.2f}"
+    return line
+
+
+def ranking_images(subjects: int = 8, views: int = 3, seed: int = 1) -> list[Image.Image]:
+    """`views` crops / flips / brightness changes of each of `subjects` photo-like images, subject by subject."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for base in photo_like_images(subjects, seed):
+        for _ in range(views):
+            x, y = int(rng.integers(0, 120)), int(rng.integers(0, 90))
+            view = base.crop((x, y, x + 520, y + 390))
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
+            out.append(Image.eval(view, lambda v, g=rng.uniform(0.85, 1.15): min(255, int(v * g))))
+    return out
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort(dim=-1).argsort(dim=-1).float()
+
+
+def rank_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Each image as the reference, all others as candidates: how well `other`'s embeddings rank the candidates as
+    `reference`'s do. Spearman and Kendall rank correlations of the candidate scores (mean and min over references)
+    and the fraction of references whose top-1 candidate agrees."""
+    n = reference.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    a, b = (reference @ reference.T)[off].view(n, n - 1), (other @ other.T)[off].view(n, n - 1)
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    spearman = (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
+    sign = lambda s: torch.sign(s[:, :, None] - s[:, None, :])  # noqa: E731
+    kendall = (sign(a) * sign(b)).sum((1, 2)) / ((n - 1) * (n - 2))
+    return {"spearman_mean": float(spearman.mean()), "spearman_min": float(spearman.min()),
+            "kendall_mean": float(kendall.mean()), "kendall_min": float(kendall.min()),
+            "top1": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def int8_scorers(ckpt: str) -> dict[str, NearIDScorer]:
+    """The int8 variants (see the module docstring), or none without torchao."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        print("int8: skipped (torchao is not installed: pip install 'nearid-toolkit[int8]')")
+        return {}
+    return {"int8": NearIDScorer.from_pretrained(ckpt, quantize="int8"),
+            "int8, eager": NearIDScorer.from_pretrained(ckpt, quantize="int8", compile=False),
+            "int8, bf16 eager": NearIDScorer.from_pretrained(ckpt, quantize="int8", dtype=torch.bfloat16)}
 
 
 def head_ms_per_image(scorer: NearIDScorer, tokens: torch.Tensor, head: torch.dtype, repeats: int) -> float:
@@ -97,7 +153,7 @@ def head_ms_per_image(scorer: NearIDScorer, tokens: torch.Tensor, head: torch.dt
     return 1000 * min(times) / tokens.shape[0]
 
 
-def cpu_report(args, images, processor, plain, scorer) -> None:
+def cpu_report(args, images, processor, plain, scorer, int8: dict[str, NearIDScorer]) -> None:
     speedup, cached = precision.measured_bf16_speedup()
     default = precision.cpu_default_dtype()
     print(f"probe: bf16 F.linear {precision.PROBE_SHAPE} = {speedup:.2f}x fp32 ({'cached' if cached else 'probed'}; "
@@ -120,26 +176,42 @@ def cpu_report(args, images, processor, plain, scorer) -> None:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
             return F.normalize(plain(pixels).pooler_output.float(), dim=-1)
 
-    def run_scorer() -> torch.Tensor:
+    def run_scorer(model: NearIDScorer = scorer) -> torch.Tensor:
         with torch.inference_mode():
-            return scorer.embed(images, batch_size=args.batch_size)
+            return model.embed(images, batch_size=args.batch_size)
 
+    def select(name: str) -> NearIDScorer:
+        if name in int8:
+            return int8[name]
+        set_mode(*variants[name])
+        return scorer
+
+    names = [*variants, *int8]
     run_plain()
-    for mode in variants.values():  # warm-up
-        set_mode(*mode)
-        run_scorer()
-    plain_times, times, cos = [], {k: [] for k in variants}, {k: 1.0 for k in variants}
+    for name in names:  # warm-up (and torch.compile's compilation)
+        run_scorer(select(name))
+    plain_times, times, cos = [], {k: [] for k in names}, {k: 1.0 for k in names}
     for _ in range(args.repeats):  # interleaved, so machine drift hits every variant alike
         t, e_plain = timed(run_plain, 1)
         plain_times += t
-        for name, mode in variants.items():
-            set_mode(*mode)
-            t, e = timed(run_scorer, 1)
+        for name in names:
+            model = select(name)
+            t, e = timed(lambda: run_scorer(model), 1)
             times[name] += t
             cos[name] = min(cos[name], float((e_plain * e).sum(-1).min()))
     print(f"plain: {args.batch_size / statistics.median(plain_times):.3f} images/s (median)")
-    for name in variants:
-        print(ratio_line(name, plain_times, times[name], cos[name]))
+    for name in names:
+        print(ratio_line(name, plain_times, times[name], cos[name], times["default"] if name in int8 else None))
+    if int8:
+        ranked = ranking_images()
+        with torch.inference_mode():
+            reference = select("fp32").embed(ranked, batch_size=args.batch_size, progress=False)
+            for name in ["default", *int8]:
+                embedded = select(name).embed(ranked, batch_size=args.batch_size, progress=False)
+                agree = rank_agreement(reference, embedded)
+                print(f"rank agreement vs fp32, {name:<16} ({len(ranked)} images, each the reference of the rest): "
+                      f"Spearman mean {agree['spearman_mean']:.4f} min {agree['spearman_min']:.4f} | Kendall mean "
+                      f"{agree['kendall_mean']:.4f} min {agree['kendall_min']:.4f} | top-1 agree {agree['top1']:.3f}")
 
     scorer.to(dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -210,7 +282,7 @@ def main() -> None:
             return
         processor = AutoImageProcessor.from_pretrained(ckpt, backend="pil")
         plain = SiglipVisionModel.from_pretrained(ckpt, dtype=torch.float32).eval()
-        cpu_report(args, images, processor, plain, scorer)
+        cpu_report(args, images, processor, plain, scorer, int8_scorers(ckpt))
     attention_report(args.batch_size, args.repeats, device)
 
 

@@ -36,8 +36,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, checkpoint directory or head-only .safetensors file (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                        help="auto = fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
+    parser.add_argument("--dtype", choices=(*DTYPE_NAMES, "int8"), default="auto",
+                        help="auto = fp16 on CUDA; on CPUs bf16 where it is measured faster, else fp32; int8 = the "
+                             "trunk's linears in int8 through torchao, compiled (CPU only, opt-in for bulk scoring; "
+                             "pip install 'nearid-toolkit[int8]')")
+    parser.add_argument("--compile", action="store_true",
+                        help="wrap each trunk layer in torch.compile (the first batch pays the compilation; always on "
+                             "with --dtype int8)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0,
                         help="processes decoding and resizing images while the model runs (default 0: in the main "
@@ -93,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UsageError("--batch-size must be >= 1")
         if args.workers < 0:
             raise UsageError("--workers must be >= 0")
+        if args.dtype == "int8":
+            check_int8(args.device)
         if args.command == "score":
             if args.top_k is not None and args.top_k < 1:
                 raise UsageError("--top-k must be >= 1")
@@ -103,6 +110,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except UsageError as err:
         parser.error(str(err))
     return args
+
+
+def check_int8(device: str | None) -> None:
+    """`--dtype int8` needs torchao and a CPU; checked before torch loads.
+
+    Raises:
+        UsageError: torchao is not installed, or `device` is not a CPU.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise UsageError("--dtype int8 needs torchao: pip install 'nearid-toolkit[int8]'")
+    if device is not None and not device.startswith("cpu"):
+        raise UsageError(f"--dtype int8 runs on CPUs only; got --device {device} (on a GPU use the default fp16)")
 
 
 def expand_images(items: Sequence[str]) -> list[Path]:
@@ -213,8 +234,10 @@ def _load_scorer(args: argparse.Namespace):
 
     from .scorer import NearIDScorer
 
-    dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return NearIDScorer.from_pretrained(args.model, device=args.device, dtype=dtypes[args.dtype])
+    dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+    return NearIDScorer.from_pretrained(args.model, device=args.device, dtype=dtypes[args.dtype],
+                                        quantize="int8" if args.dtype == "int8" else None,
+                                        compile=True if args.compile else None)
 
 
 def _embed_files(scorer, paths: Sequence[Path], args: argparse.Namespace):
@@ -349,11 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         Image.MAX_IMAGE_PIXELS = None
     from .checkpoint import CheckpointError, CheckpointNotFoundError
     from .preprocessing import ImageInputError
+    from .quantization import QuantizationError
     from .scorer import DeviceError
 
     try:
         return {"score": run_score, "embed": run_embed}[args.command](args)
-    except (CheckpointNotFoundError, CheckpointError, ImageInputError, DeviceError, UsageError) as err:
+    except (CheckpointNotFoundError, CheckpointError, ImageInputError, DeviceError, QuantizationError,
+            UsageError) as err:
         hint = " (or pass --skip-unreadable)" if isinstance(err, ImageInputError) else ""
         print(f"nearid: error: {err}{hint}", file=sys.stderr)
         return 2

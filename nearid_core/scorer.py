@@ -26,6 +26,7 @@ from .feature_cache import HubImage
 from .names import DEFAULT_MODEL, INPUT_RANGES, READOUTS, REDUCTIONS
 from .precision import cpu_has_bf16_matmul as cpu_has_bf16_matmul  # re-exported
 from .precision import autocast_for, default_dtype, head_dtype
+from .quantization import INT8_OTHER_DTYPE, QuantizationError, check_quantize, compile_trunk, quantize_trunk_int8
 from .modeling_nearid import NearIDModel
 from .preprocessing import (
     ImageInputError,
@@ -139,12 +140,24 @@ class NearIDScorer:
         preprocess_config: PreprocessConfig,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        compile: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = dtype or default_dtype(self.device)
+        check_quantize(quantize, self.device)
+        self.dtype = dtype or (INT8_OTHER_DTYPE if quantize else default_dtype(self.device))
         self.model = model.eval()
         self.preprocess_config = preprocess_config
+        self.quantize: str | None = None
         self.to(self.device, self.dtype)
+        if quantize is not None:
+            self._quantized_fingerprint = self._fingerprint(quantize)  # from the weights before they are quantized
+            quantize_trunk_int8(self.model)
+            self.quantize = quantize
+        if compile is None:  # eager int8 layers run slower than bf16; see nearid_core.quantization for bf16
+            compile = quantize is not None and self.dtype == torch.float32
+        if compile:
+            compile_trunk(self.model)
 
     @classmethod
     def from_pretrained(
@@ -152,6 +165,8 @@ class NearIDScorer:
         name_or_path: str | os.PathLike = DEFAULT_MODEL,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        compile: bool | None = None,
         **kwargs,
     ) -> "NearIDScorer":
         """Load a scorer from a hub id or local path (NearID release, plain SigLIP, or head-only checkpoint).
@@ -161,22 +176,37 @@ class NearIDScorer:
             device: default CUDA if available, else CPU.
             dtype: default fp16 on CUDA; on CPUs bf16 where it is measured faster, else fp32
                 (`nearid_core.precision`). On a CPU in bf16 / fp16 the MAP head runs in fp32.
+            quantize: "int8" = the trunk's linears in int8 through torchao (CPU only, opt-in for bulk scoring; needs
+                the ``[int8]`` extra); `dtype` then sets everything else, default fp32 (measured fastest with int8).
+                See `nearid_core.quantization`.
+            compile: wrap each trunk layer in ``torch.compile`` (the first batch pays the compilation); default on
+                with `quantize` in fp32 (eager int8 layers run slower than bf16), off otherwise.
             **kwargs: `revision`, `cache_dir`, `local_files_only` for the download; `allowed_roots` to confine local
                 paths (see `nearid_core.checkpoint.load_model`).
         """
         device = resolve_device(device)
-        dtype = dtype or default_dtype(device)
+        check_quantize(quantize, device)  # before the download and load
+        dtype = dtype or (INT8_OTHER_DTYPE if quantize else default_dtype(device))
         load_dtype = dtype if head_dtype(device, dtype) == dtype else None  # the head is cast from the file's dtype
         model, config_dir = load_model(name_or_path, dtype=load_dtype, **kwargs)
         preprocess_config = load_preprocess_config(config_dir, model.config.vision_config.image_size)
-        return cls(model, preprocess_config, device=device, dtype=dtype)
+        return cls(model, preprocess_config, device=device, dtype=dtype, quantize=quantize, compile=compile)
 
     @property
     def embed_dim(self) -> int:
         return self.model.config.embed_dim
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "NearIDScorer":
-        """Move the model (and where inputs go) to another device and/or dtype; returns self."""
+        """Move the model (and where inputs go) to another device and/or dtype; returns self.
+
+        Raises:
+            QuantizationError: an int8 scorer asked for another device or dtype (load it again instead).
+        """
+        if self.quantize is not None and ((device is not None and resolve_device(device) != self.device)
+                                          or (dtype is not None and dtype != self.dtype)):
+            raise QuantizationError(f"This scorer's trunk is quantized ({self.quantize}) on {self.device} with "
+                                    f"{self.dtype} elsewhere; it cannot move or change dtype. Load it again with "
+                                    "the device and dtype you want.")
         if device is not None:
             self.device = resolve_device(device)
         if dtype is not None:
@@ -188,7 +218,8 @@ class NearIDScorer:
 
     def __repr__(self) -> str:
         return (f"NearIDScorer(embed_dim={self.embed_dim}, image_size={self.preprocess_config.size}, "
-                f"device={self.device}, dtype={self.dtype})")
+                f"device={self.device}, dtype={self.dtype}"
+                + (f", quantize={self.quantize!r})" if self.quantize else ")"))
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -451,13 +482,20 @@ class NearIDScorer:
         Equal for the same checkpoint however it was reached (path, symlink, copy, hub id) and in whatever dtype or on
         whatever device it runs (weights are hashed rounded to bf16; precisions differ by ~1e-3 in score). Weights
         are sampled, not read whole: up to 256 evenly spaced values of every tensor, with its name and shape, which
-        tells fine-tunes of one architecture apart.
+        tells fine-tunes of one architecture apart. An int8 scorer (``quantize="int8"``) has a fingerprint of its own,
+        taken from its weights before quantization: its error on real weights is not bounded like a dtype's.
         """
+        if self.quantize is not None:
+            return self._quantized_fingerprint
+        return self._fingerprint(None)
+
+    def _fingerprint(self, quantize: str | None) -> str:
         vision = self.model.config.vision_config
         described = {
             "vision": {k: getattr(vision, k, None) for k in _FINGERPRINT_VISION_FIELDS},
             "normalize_embeddings": getattr(self.model.config, "normalize_embeddings", None),
             "preprocess": self.preprocess_config.to_dict(),
+            **({"quantize": quantize} if quantize else {}),
         }
         digest = hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=8)
         with torch.no_grad():
