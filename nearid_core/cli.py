@@ -3,7 +3,7 @@ embeddings.
 
     nearid score --ref ref.png [--ref ref2.png ...] CANDIDATE [CANDIDATE ...] [--model ID_OR_DIR] [--json]
     nearid embed IMAGE [IMAGE ...] --output embeddings.safetensors|.npy [--model ID_OR_DIR]
-    nearid embed [IMAGE ...] [--file-list FILE] | --dataset NAME_OR_DIR [--split S] [--image-column C]
+    nearid embed [IMAGE ...] [--file-list FILE] | --dataset NAME_OR_DIR [--split S] [--image-column C] [--streaming]
                  [--shard-size N --output FOLDER]
 
 A candidate or image argument may be a directory: its image files are used, sorted by name. Arguments are parsed and
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embed a Hugging Face dataset instead: a hub name or a folder written by save_to_disk")
     embed.add_argument("--split", default="train", help="split of --dataset (default train)")
     embed.add_argument("--image-column", default="image", help="image column of --dataset (default image)")
+    embed.add_argument("--streaming", action="store_true",
+                       help="stream --dataset (datasets' streaming=True) instead of downloading it first: rows are "
+                            "read in order as they are embedded; with --shard-size a rerun continues after the last "
+                            "complete shard, re-reading the rows before it (one process only)")
     embed.add_argument("--shard-size", type=int, default=None, metavar="N",
                        help="write N rows a shard into the --output folder (shard-00000.safetensors ... and "
                             "manifest.json); a rerun computes only missing shards; under `accelerate launch` the "
@@ -158,6 +162,11 @@ def check_embed_inputs(args: argparse.Namespace) -> None:
         raise UsageError("give either --dataset or images / --file-list, not both")
     if args.dataset is None and not args.images and not args.file_list:
         raise UsageError("nothing to embed: give images or directories, --file-list FILE or --dataset NAME")
+    if args.streaming and args.dataset is None:
+        raise UsageError("--streaming streams a --dataset; give --dataset NAME_OR_DIR")
+    if args.streaming and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--streaming runs in one process: a stream cannot be split into shards by process; save the "
+                         "dataset with save_to_disk and embed that folder under accelerate launch")
     args.output = check_output(args.output) if args.shard_size is None else check_output_folder(args.output)
     listed = read_file_list(Path(args.file_list)) if args.file_list else []
     args.image_paths = expand_images([*args.images, *listed]) if args.dataset is None else []
@@ -309,12 +318,16 @@ def sidecar_path(npy_path: Path) -> Path:
 def run_embed(args: argparse.Namespace) -> int:
     from . import embed_shards
 
-    items = (embed_shards.load_image_dataset(args.dataset, args.split, args.image_column) if args.dataset is not None
-             else args.image_paths)
+    items = (embed_shards.load_image_dataset(args.dataset, args.split, args.image_column, args.streaming)
+             if args.dataset is not None else args.image_paths)
     if args.shard_size is not None:
         return _run_embed_shards(args, items)
     scorer = _load_scorer(args)
-    embeddings, images, skipped = _embed_files(scorer, items, args)
+    if args.streaming:
+        embeddings, images, skipped = embed_shards.embed_stream(lambda part: _embed_files(scorer, part, args),
+                                                                items.rows())
+    else:
+        embeddings, images, skipped = _embed_files(scorer, items, args)
     embeddings = embeddings.cpu()
     _report_skipped(skipped)
     if not images:
@@ -347,10 +360,13 @@ def _run_embed_shards(args: argparse.Namespace, items: Sequence[Any]) -> int:
         args.device = processes.device
     scorer = _load_scorer(args)
     digest = items.digest() if hasattr(items, "digest") else embed_shards.sources_digest([str(p) for p in items])
-    identity = {"fingerprint": scorer.fingerprint(), "shard_size": args.shard_size, "inputs": len(items),
-                "sources_sha256": digest}
-    done = embed_shards.write_shards(args.output, items, identity, lambda part: _embed_files(scorer, part, args),
-                                     processes, model=str(args.model))
+    identity = {"fingerprint": scorer.fingerprint(), "shard_size": args.shard_size,
+                "inputs": None if args.streaming else len(items), "sources_sha256": digest}
+    embed = lambda part: _embed_files(scorer, part, args)  # noqa: E731
+    if args.streaming:
+        done = embed_shards.write_stream_shards(args.output, items, identity, embed, model=str(args.model))
+    else:
+        done = embed_shards.write_shards(args.output, items, identity, embed, processes, model=str(args.model))
     _report_skipped(done["skipped"])
     tag = f"process {processes.index}/{processes.count}: " if processes.count > 1 else ""
     print(f"{tag}wrote {len(done['written'])} shard(s), {len(done['kept'])} already complete")

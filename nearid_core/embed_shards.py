@@ -10,6 +10,12 @@ A shard folder (``nearid embed ... --shard-size N -o FOLDER``) holds::
 Shards are written atomically, so a killed run never leaves a partial shard; a rerun of the same command computes
 only the missing ones. Under ``accelerate launch`` shard k is written by process k % num_processes
 (`shards_for_process`) and the main process writes the manifest once every process is done.
+
+A streamed dataset (``--dataset NAME --streaming``, `StreamedImages`) has no length until it ends: it is read in order
+and embedded `STREAM_CHUNK` rows at a time, its shards written one after another by one process. A rerun continues
+after the last of the consecutive shards 0, 1, ... on disk, re-reading (not decoding) the rows before it, so it is
+exact only if the stream yields the same rows in the same order (the same data files or hub revision, no shuffle);
+the manifest can check the name, split and column, not the content.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ MANIFEST = "manifest.json"
 FORMAT = "nearid-embedding-shards"
 #: Manifest fields that must match for a rerun to continue a folder.
 IDENTITY_FIELDS = ("fingerprint", "shard_size", "inputs", "sources_sha256")
+#: Rows of a streamed dataset held (undecoded) and embedded at a time: bounds the memory a large --shard-size needs.
+STREAM_CHUNK = 1024
 
 
 def shard_name(index: int) -> str:
@@ -179,7 +188,58 @@ def write_shards(
     return {"written": written, "kept": kept, "skipped": skipped, "manifest": manifest}
 
 
-def _write_manifest(folder: Path, fields: dict, model: str, n_shards: int) -> dict:
+def write_stream_shards(
+    folder: Path,
+    images: "StreamedImages",
+    identity: dict,
+    embed: Callable[[Sequence[Any]], tuple[torch.Tensor, list, list]],
+    model: str,
+) -> dict:
+    """Embed a streamed dataset into the shards of `folder` in order (one process), continuing after the consecutive
+    shards already there, then write the final manifest. Arguments and result as `write_shards`."""
+    size = identity["shard_size"]
+    check_folder(folder, identity)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("complete"):
+        return {"written": [], "kept": list(range(manifest["shards"])), "skipped": [], "manifest": manifest}
+    if manifest is None:
+        _write_manifest(folder, {**identity, "complete": False}, model, None)
+    kept = 0
+    while (folder / shard_name(kept)).is_file():
+        kept += 1
+    rows = images.rows(start=kept * size)
+    written, skipped, k = [], [], kept
+    while True:
+        embeddings, done, missed = embed_stream(embed, islice(rows, size))
+        if not done and not missed:
+            break
+        skipped += [(str(item), reason) for item, reason in missed]
+        save_safetensors(folder / shard_name(k), embeddings.cpu(), [str(item) for item in done], model=model,
+                         fingerprint=identity["fingerprint"], shard=str(k))
+        written.append(k)
+        k += 1
+        if len(done) + len(missed) < size:  # the stream has ended
+            break
+    shard_rows = [_shard_rows(folder / shard_name(i)) for i in range(k)]
+    manifest = _write_manifest(folder, {**identity, "complete": True, "rows": sum(shard_rows),
+                                        "shard_rows": shard_rows}, model, k)
+    return {"written": written, "kept": list(range(kept)), "skipped": skipped, "manifest": manifest}
+
+
+def embed_stream(embed: Callable[[Sequence[Any]], tuple[torch.Tensor, list, list]],
+                 rows: Iterator[Any]) -> tuple[torch.Tensor, list, list]:
+    """`embed` over `rows` `STREAM_CHUNK` at a time (each chunk decoded by `embed`'s workers), results joined:
+    (embeddings, items embedded, [(item, reason)] skipped)."""
+    parts, done, missed = [], [], []
+    while chunk := list(islice(rows, STREAM_CHUNK)):
+        embeddings, kept, skipped = embed(chunk)
+        parts.append(embeddings.cpu())
+        done += kept
+        missed += skipped
+    return (torch.cat(parts) if parts else torch.empty(0, 0)), done, missed
+
+
+def _write_manifest(folder: Path, fields: dict, model: str, n_shards: int | None) -> dict:
     manifest = {"format": FORMAT, "version": 1, "model": model, **fields, "shards": n_shards}
     write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     return manifest
@@ -278,20 +338,60 @@ class DatasetImages(Sequence[DatasetImage]):
                                            "fingerprint": self.fingerprint})])
 
 
-def load_image_dataset(name: str, split: str, column: str) -> DatasetImages:
+@dataclass(frozen=True, repr=False)
+class StreamedImage(DatasetImage):
+    """One image cell of a streamed dataset, its raw cell (bytes or path) held until it is embedded."""
+
+    cell: Any = None
+
+    def value(self) -> Any:
+        return self.cell
+
+
+class StreamedImages:
+    """The cells of one image column of a streamed ``datasets.IterableDataset``, read in order as they are embedded
+    (nothing is downloaded ahead); row k's source is NAME:SPLIT:k, as for `DatasetImages`."""
+
+    def __init__(self, dataset: Any, column: str, prefix: str) -> None:
+        import datasets
+
+        self.dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.column, self.prefix = column, prefix
+
+    def rows(self, start: int = 0) -> Iterator[StreamedImage]:
+        """The cells from row `start` on; the rows before it are read and dropped, not decoded."""
+        stream = self.dataset.skip(start) if start else self.dataset
+        for row, example in enumerate(stream, start=start):
+            yield StreamedImage(None, "", row, self.column, self.prefix, cell=example[self.column])
+
+    def digest(self) -> str:
+        """Stands for the sources in a manifest: name, split, column, and that they were streamed."""
+        return sources_digest([json.dumps({"dataset": self.prefix, "column": self.column, "streaming": True})])
+
+
+def load_image_dataset(name: str, split: str, column: str,
+                       streaming: bool = False) -> DatasetImages | StreamedImages:
     """The `column` images of a dataset: a folder saved with ``save_to_disk`` (``datasets.load_from_disk``), else
-    anything ``datasets.load_dataset`` reads (a hub name, a local data folder).
+    anything ``datasets.load_dataset`` reads (a hub name, a local data folder); with `streaming`, the latter read as
+    a stream (``load_dataset(..., streaming=True)``).
 
     Raises:
-        UsageError: `datasets` missing, a dataset that cannot be loaded (offline hub name), a missing split or column.
+        UsageError: `datasets` missing, a dataset that cannot be loaded (offline hub name), a missing split or column,
+            `streaming` for a ``save_to_disk`` folder.
     """
     try:
         import datasets
     except ImportError as err:
         raise UsageError("--dataset needs the `datasets` library: pip install 'nearid-toolkit[eval]'") from err
     local = Path(name)
+    saved = local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file())
+    if streaming and saved:
+        raise UsageError(f"--dataset {name} is a save_to_disk folder, read memory-mapped without downloading: drop "
+                         "--streaming (it is for hub names and data folders)")
     try:
-        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+        if streaming:
+            dataset = datasets.load_dataset(name, split=split, streaming=True)
+        elif saved:
             dataset = datasets.load_from_disk(str(local))
             if isinstance(dataset, datasets.DatasetDict):
                 if split not in dataset:
@@ -306,9 +406,10 @@ def load_image_dataset(name: str, split: str, column: str) -> DatasetImages:
             f"cannot load --dataset {name} (split {split!r}): {err}. A hub dataset needs the network or the "
             "datasets cache (HF_HUB_OFFLINE=1 reads only the cache, without retries); offline, download it elsewhere "
             "and pass the folder written by `save_to_disk`") from err
-    if column not in dataset.column_names:
-        raise UsageError(f"--dataset {name} has no column {column!r}; its columns: {', '.join(dataset.column_names)} "
-                         "(choose one with --image-column)")
-    if not isinstance(dataset.features[column], datasets.Image):
-        raise UsageError(f"column {column!r} of --dataset {name} holds {dataset.features[column]}, not images")
-    return DatasetImages(dataset, column, f"{name}:{split}")
+    if dataset.features is not None:  # a stream may not know its features before it is read
+        if column not in dataset.features:
+            raise UsageError(f"--dataset {name} has no column {column!r}; its columns: {', '.join(dataset.features)} "
+                             "(choose one with --image-column)")
+        if not isinstance(dataset.features[column], datasets.Image):
+            raise UsageError(f"column {column!r} of --dataset {name} holds {dataset.features[column]}, not images")
+    return (StreamedImages if streaming else DatasetImages)(dataset, column, f"{name}:{split}")

@@ -25,6 +25,19 @@ def reference(release_dir, image_files, tmp_path_factory) -> tuple[torch.Tensor,
     return load_embeddings(out)
 
 
+def _count_embed_calls(monkeypatch) -> list[list[str]]:
+    """The sources of every `NearIDScorer.embed_files` call from now on, one list a call."""
+    calls: list[list[str]] = []
+    original = NearIDScorer.embed_files
+
+    def counting(self, paths, *args, **kwargs):
+        calls.append([str(p) for p in paths])
+        return original(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(NearIDScorer, "embed_files", counting)
+    return calls
+
+
 @pytest.fixture
 def images(image_files) -> list[Path]:
     assert len(image_files) >= 3
@@ -74,14 +87,7 @@ def test_rerun_recomputes_only_a_deleted_shard(release_dir, images, reference, t
     assert _embed(*argv, model=release_dir) == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
     (folder / shard_name(1)).unlink()
-    calls: list[list[str]] = []
-    original = NearIDScorer.embed_files
-
-    def counting(self, paths, *args, **kwargs):
-        calls.append([str(p) for p in paths])
-        return original(self, paths, *args, **kwargs)
-
-    monkeypatch.setattr(NearIDScorer, "embed_files", counting)
+    calls = _count_embed_calls(monkeypatch)
     capsys.readouterr()
     assert _embed(*argv, model=release_dir) == 0
     assert calls == [reference[1][1:2]]
@@ -203,3 +209,72 @@ def test_two_processes_share_the_shards(release_dir, images, reference, tmp_path
     embeddings, sources = load_embeddings(folder)
     assert sources == reference[1]
     torch.testing.assert_close(embeddings, reference[0], atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def image_folder(images, tmp_path) -> Path:
+    """A local data folder of the test images, which `datasets.load_dataset` reads as an imagefolder."""
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_streamed_dataset_embeds_like_its_files(workers, release_dir, image_folder, reference, tmp_path):
+    pytest.importorskip("datasets")
+    out = tmp_path / "emb.safetensors"
+    assert _embed("--dataset", str(image_folder), "--streaming", "--workers", workers, "-o", str(out),
+                  model=release_dir) == 0
+    embeddings, sources = load_embeddings(out)
+    assert sources == [f"{image_folder}:train:{i}" for i in range(len(reference[1]))]
+    torch.testing.assert_close(embeddings, reference[0], atol=1e-6, rtol=0)
+
+
+def test_streamed_shards_resume_after_the_last_complete_shard(release_dir, image_folder, reference, tmp_path,
+                                                              monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "shards"
+    argv = ["--dataset", str(image_folder), "--streaming", "--shard-size", "3", "-o", str(folder)]
+    assert _embed(*argv, model=release_dir) == 0
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["shard_rows"] == [3, 1] and manifest["inputs"] is None
+    (folder / shard_name(1)).unlink()  # as if the run had been killed before its last shard
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    calls = _count_embed_calls(monkeypatch)
+    capsys.readouterr()
+    assert _embed(*argv, model=release_dir) == 0
+    assert calls == [[f"{image_folder}:train:3"]]
+    assert "wrote 1 shard(s), 1 already complete" in capsys.readouterr().out
+    embeddings, sources = load_embeddings(folder)
+    assert sources == [f"{image_folder}:train:{i}" for i in range(len(reference[1]))]
+    torch.testing.assert_close(embeddings, reference[0], atol=1e-6, rtol=0)
+    calls.clear()
+    assert _embed(*argv, model=release_dir) == 0 and calls == []  # complete: nothing to do
+    shards = tmp_path / "files"
+    assert _embed(str(image_folder), "--shard-size", "3", "-o", str(shards), model=release_dir) == 0
+    assert _embed(*argv[:-1], str(shards), model=release_dir) == 2  # a folder of another run is refused
+
+
+@pytest.mark.parametrize("case", ["no dataset", "saved dataset", "several processes"])
+def test_streaming_mistakes_exit_2_with_one_message(case, release_dir, images, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"label": [1, 2]}).save_to_disk(saved)
+    argv = {"no dataset": [str(images[0])], "saved dataset": ["--dataset", str(saved)],
+            "several processes": ["--dataset", str(saved), "--shard-size", "2"]}[case]
+    if case == "several processes":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    output = tmp_path / ("out" if case == "several processes" else "out.safetensors")
+    try:
+        rc = _embed(*argv, "--streaming", "-o", str(output), model=release_dir)
+    except SystemExit as exc:  # argparse usage errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert {"no dataset": "give --dataset", "saved dataset": "drop --streaming",
+            "several processes": "one process"}[case] in err
