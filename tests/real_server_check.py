@@ -40,7 +40,7 @@ PACK_FOLDER = "nearid-toolkit"
 TINY_MODEL = "nearid-tiny"
 TINY_CHECKPOINT = "nearid-check-tiny-sd15.safetensors"
 NEARID_NODES = {"NearIDModelLoader", "NearIDEmbed", "NearIDScore", "NearIDBestOfN", "NearIDThresholdFilter",
-                "NearIDAttentionHeatmap"}
+                "NearIDAttentionHeatmap", "NearIDIdentityGuidance"}
 
 # Builds the tiny SD1.x checkpoint inside the server's Python (it needs ComfyUI's own classes); argv: ComfyUI, out.
 TINY_SD_SCRIPT = r"""

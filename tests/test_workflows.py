@@ -19,7 +19,8 @@ import nearid_nodes
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
-EXPECTED = {"score_and_rank", "best_of_n", "threshold_split"}  # API copies; UI files are named by their card titles
+# API copies; UI files are named by their card titles
+EXPECTED = {"score_and_rank", "best_of_n", "threshold_split", "identity_guidance"}
 THUMBNAIL_MAX_BYTES = 150_000
 TEMPLATE_PROPERTY = "nearid_template_model"  # web/nearid.js: the loader takes the server's default model on opening
 SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "NEARID_MODEL", "NEARID_EMBEDDING",
