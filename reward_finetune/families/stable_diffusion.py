@@ -21,7 +21,6 @@ from diffusers import (
 )
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -215,13 +214,6 @@ class StableDiffusionFamily(ModelFamily):
                                  self.vae_scale, device, dtype)
 
     # -- LoRA -----------------------------------------------------------------------------------------------------
-
-    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
-        self.denoiser.requires_grad_(False)
-        self.denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                             init_lora_weights="gaussian", target_modules=self.lora_target_modules))
-        if self.weight_dtype != torch.float32:
-            cast_training_params(self.denoiser, dtype=torch.float32)  # LoRA weights stay fp32 under mixed precision
 
     @staticmethod
     def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
