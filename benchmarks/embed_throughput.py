@@ -17,7 +17,8 @@ Real SigLIP2 so400m/14@384 architecture with random weights (speed does not depe
 Prints, per variant, the speed ratio to plain (min and median over the interleaved repeats), the minimum cosine to
 plain, the probe's decision, and the MAP head's time per image in bf16 vs fp32; int8 also as ratios to the default and
 its rank agreement with fp32 on a ranking task (`rank_agreement`). On CUDA it also prints fp16 and bf16
-throughput and the fraction of the GPU's bf16 peak (pass --peak-tflops for your card; default 989 = H100 SXM).
+throughput (fp16 also under torch.compile) and the fraction of the GPU's bf16 peak (pass --peak-tflops for your card;
+default 989 = H100 SXM).
 
     python benchmarks/embed_throughput.py [--batch-size 8] [--repeats 3] [--device cpu|cuda]
 """
@@ -39,6 +40,7 @@ from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionMod
 from nearid_core import NearIDScorer, PreprocessConfig, precision
 from nearid_core.attention import cpu_bmm_attention
 from nearid_core.checkpoint import no_init_weights
+from nearid_core.quantization import compile_trunk
 from nearid_core.configuration_nearid import SO400M_VISION_CONFIG
 
 from _random_weights import randomise  # benchmarks/ is on sys.path when a script here runs
@@ -250,15 +252,20 @@ def attention_report(batch: int, repeats: int, device: torch.device) -> None:
 
 
 def cuda_report(args, images, scorer) -> None:
+    """Model-only throughput on CUDA as the scorer runs it (`_features`: fp16 under the paper's autocast, bf16 plain),
+    then fp16 with each trunk layer under torch.compile (the scorer's ``compile=True``)."""
     flops = flops_per_image(SO400M_VISION_CONFIG)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype, compiled in ((torch.float16, False), (torch.bfloat16, False), (torch.float16, True)):
         scorer.to(dtype=dtype)
+        if compiled:
+            compile_trunk(scorer.model)
         pixels = scorer.pixel_values(images * 8)
         with torch.inference_mode():
-            scorer.model.get_image_features(pixels)
-            times, _ = timed(lambda: scorer.model.get_image_features(pixels), args.repeats)
+            scorer._features(pixels, "map")  # warm-up (and compilation)
+            times, _ = timed(lambda: scorer._features(pixels, "map"), args.repeats)
         ips = pixels.shape[0] / statistics.median(times)
-        print(f"cuda {str(dtype).removeprefix('torch.')} model only, batch {pixels.shape[0]}: {ips:8.1f} images/s "
+        name = str(dtype).removeprefix("torch.") + (" + torch.compile" if compiled else "")
+        print(f"cuda {name} model only, batch {pixels.shape[0]}: {ips:8.1f} images/s "
               f"= {ips * flops / 1e12:.1f} TFLOP/s = {100 * ips * flops / 1e12 / args.peak_tflops:.1f}% of "
               f"{args.peak_tflops:.0f} TFLOP/s bf16 peak")
 

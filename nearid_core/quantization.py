@@ -8,7 +8,8 @@ head in fp32 as on the default path. Each encoder layer is wrapped in ``torch.co
 eager, the int8 layers ran 0.6x the speed of bf16 on an AMD Zen 5; compiled, inductor fuses the activation
 quantization, LayerNorms and GELU around the int8 matmuls, and fp32 around them measured faster than bf16. With
 bf16 around the int8 linears the scorer does not compile by default: torch 2.13's inductor fails on it (a C++ error,
-"conflicting declaration at_BFloat16_tmp_acc0_vec"), so ``compile=True`` there may raise.
+"conflicting declaration at_BFloat16_tmp_acc0_vec"), so ``compile=True`` there may raise. torch.compile on a CPU
+needs a C++ compiler (g++); without one pass ``compile=False``.
 
 torchao is an optional extra (``pip install 'nearid-toolkit[int8]'``), imported only when int8 is asked for. CUDA is
 refused: this path is measured and meant for CPUs; on a GPU the fp16 default is the fast one.

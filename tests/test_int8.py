@@ -4,6 +4,7 @@ without torchao or off a CPU. The torchao tests skip where torchao is not instal
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 
 import pytest
@@ -18,6 +19,12 @@ from nearid_core.quantization import QuantizationError, check_quantize
 @pytest.fixture(scope="module")
 def fp32_scorer(release_dir):
     return NearIDScorer.from_pretrained(release_dir, dtype=torch.float32)
+
+
+def _needs_torchao_and_compiler() -> None:
+    pytest.importorskip("torchao")
+    if not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
 
 
 def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,7 +46,7 @@ def test_int8_eager_close_to_fp32(release_dir, fp32_scorer, rgb_images):
 
 
 def test_int8_compiled_default_close_to_fp32(release_dir, fp32_scorer, rgb_images):
-    pytest.importorskip("torchao")
+    _needs_torchao_and_compiler()
     scorer = NearIDScorer.from_pretrained(release_dir, quantize="int8")  # fp32 elsewhere, compiled
     assert all(layer._compiled_call_impl is not None for layer in scorer.model._tower.encoder.layers)
     with torch.inference_mode():
@@ -81,7 +88,7 @@ def test_quantize_refuses_unknown_scheme_and_gpus():
 
 
 def test_cli_dtype_int8(release_dir, image_files, fp32_scorer, tmp_path):
-    pytest.importorskip("torchao")
+    _needs_torchao_and_compiler()
     out = tmp_path / "int8.safetensors"
     assert main(["embed", *map(str, image_files), "-o", str(out), "--model", str(release_dir), "--dtype", "int8"]) == 0
     with safe_open(str(out), "pt") as f:
