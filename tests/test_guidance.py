@@ -43,8 +43,8 @@ from nearid_nodes.loader import DEFAULT_CHOICE, NearIDModelLoader  # noqa: E402
 from nearid_nodes.scoring import NearIDEmbed  # noqa: E402
 
 # fixtures of the reward tests: one torch thread (autouse), the subject images, the tiny NearID scorer, tiny FLUX.1
-one_thread, instance_dir, scorer, flux_dir = sd_tests.one_thread, sd_tests.instance_dir, sd_tests.scorer, \
-    flow_tests.flux_dir
+one_thread, instance_dir, scorer = sd_tests.one_thread, sd_tests.instance_dir, sd_tests.scorer
+flux_dir, sd3_dir, sdxl_dir = flow_tests.flux_dir, flow_tests.sd3_dir, sd_tests.sdxl_dir
 fake_comfy, Interrupted = test_nodes.fake_comfy, test_nodes.Interrupted  # ComfyUI stand-ins (sys.modules)
 PROMPT = sd_tests.PROMPT
 
@@ -243,8 +243,21 @@ def flux_pipe(flux_dir):
     return pipe
 
 
-PIPE_ARGS = {"sd15": dict(guidance_scale=7.5), "flux": dict(guidance_scale=3.5,
-                                                             max_sequence_length=flow_tests.MAX_SEQUENCE_LENGTH)}
+PIPE_ARGS = {"sd15": dict(guidance_scale=7.5), "sdxl": dict(guidance_scale=7.5),
+             "flux": dict(guidance_scale=3.5, max_sequence_length=flow_tests.MAX_SEQUENCE_LENGTH),
+             "sd3": dict(guidance_scale=7.0, max_sequence_length=flow_tests.MAX_SEQUENCE_LENGTH)}
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_pipe, flux_pipe, sdxl_dir, sd3_dir) -> dict:
+    """Every family the reward trainer supports, as an unmodified diffusers pipeline."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    out = {"sd15": sd_pipe, "flux": flux_pipe, "sdxl": StableDiffusionXLPipeline.from_pretrained(sdxl_dir),
+           "sd3": StableDiffusion3Pipeline.from_pretrained(sd3_dir)}
+    for pipe in out.values():
+        pipe.set_progress_bar_config(disable=True)
+    return out
 
 
 def sample(pipe, family: str, n: int = 8, steps: int = 20) -> torch.Tensor:
@@ -252,10 +265,11 @@ def sample(pipe, family: str, n: int = 8, steps: int = 20) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0), **PIPE_ARGS[family]).images
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_a_zero_gradient_leaves_the_pipeline_output_unchanged(family, sd_pipe, flux_pipe):
-    """Model output -> x0 -> (no change) -> model output inside the real pipeline, FLUX's packing included."""
-    pipe = sd_pipe if family == "sd15" else flux_pipe
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "sd3"])
+def test_a_zero_gradient_leaves_the_pipeline_output_unchanged(family, pipes, scorer, instance_dir):
+    """Model output -> x0 -> (no change) -> model output inside the real pipeline, FLUX's packing included; a real
+    gradient changes it."""
+    pipe = pipes[family]
     plain = sample(pipe, family, n=2, steps=4)
     flat = IdentityGuidance(lambda images: images.sum(dim=(1, 2, 3)) * 0.0, pipeline_decoder(pipe), strength=1.0)
     with guided(pipe, flat) as guidance:
@@ -263,6 +277,8 @@ def test_a_zero_gradient_leaves_the_pipeline_output_unchanged(family, sd_pipe, f
     assert guidance.guided_steps == 4
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
     assert "step" not in pipe.scheduler.__dict__ and "prepare_latents" not in pipe.__dict__  # methods restored
+    with guided(pipe, scorer, references(instance_dir), strength=0.05):
+        assert not sample(pipe, family, n=2, steps=4).allclose(plain, atol=1e-3)
 
 
 def test_guidance_never_touches_weights_and_restores_on_error(sd_pipe, scorer, instance_dir):
