@@ -19,6 +19,7 @@ _EXPORTS = {
     "save_head_only": "checkpoint",
     "save_release": "checkpoint",
     "load_embeddings": "embed_shards",
+    "IdentityGuidance": "guidance",
     "NearIDConfig": "configuration_nearid",
     "NearIDModel": "modeling_nearid",
     "NearIDModelOutput": "modeling_nearid",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError, CheckpointNotFoundError, load_model, save_head_only, save_release
     from .configuration_nearid import NearIDConfig
     from .embed_shards import load_embeddings
+    from .guidance import IdentityGuidance
     from .modeling_nearid import NearIDModel, NearIDModelOutput
     from .preprocessing import ImageInputError, PreprocessConfig, preprocess
     from .scorer import DEFAULT_MODEL, DeviceError, NearIDScorer, to_percent
