@@ -23,6 +23,7 @@ ComfyUI import here.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from .losses import identity_loss
 from .names import REDUCTIONS
 from .preprocessing import Images
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_STRENGTH", "IdentityGuidance", "identity_objective", "make_autograd_safe", "time_travel"]
 
@@ -155,6 +158,9 @@ class IdentityGuidance:
             (grad,) = torch.autograd.grad(loss.sum(), leaf)
         self.last_loss = loss.detach()
         self.guided_steps += 1
+        if not torch.isfinite(loss).all() or not torch.isfinite(grad).all():
+            logger.warning("Identity guidance: non-finite loss or gradient (often an fp16 VAE overflowing; decode in "
+                           "fp32 or bf16); the affected values get no guidance.")
         return torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
     def delta(self, x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,13 @@ def test_raw_step_clips_each_samples_gradient_norm():
     torch.testing.assert_close(norms, torch.full((2,), 1e-3))
 
 
+def test_a_non_finite_decode_is_warned_about_and_not_followed(caplog):
+    rec = Recorder()
+    guidance = IdentityGuidance(rec.loss, lambda z: rec.decode(z) * torch.tensor(float("inf")), strength=0.1)
+    x0 = torch.randn(1, 4, 8, 8)
+    assert guidance.guide(x0, 0.5).equal(x0) and "non-finite" in caplog.text
+
+
 def test_decode_scale_decodes_smaller_latents():
     rec = Recorder()
     IdentityGuidance(rec.loss, rec.decode, decode_scale=0.5).guide(torch.randn(1, 4, 16, 12), 0.5)
@@ -526,3 +533,54 @@ def test_node_never_fails_the_prompt_for_latents_it_cannot_guide(comfy_setup, sd
                                                      reference_embedding=embedding)
     with pytest.raises(ValueError, match="16-channel"):
         patched.model_options["sampler_post_cfg_function"][0](args)
+
+
+def test_a_loop_that_owns_the_denoiser_uses_the_forward_form_and_time_travel(sd_pipe, scorer, instance_dir):
+    """Universal Guidance's forward form (gradient through the UNet's x0) and FreeDoM's recurrence (each guided step
+    taken twice, re-noised back in between) in a DDIM loop written against the mechanism."""
+    pipe, refs = sd_pipe, references(instance_dir)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    alphas = scheduler.alphas_cumprod
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 4, True)
+    context = torch.cat([uncond, cond])
+
+    def level(t) -> tuple[float, float]:
+        a = float(alphas[t]) if t >= 0 else float(scheduler.final_alpha_cumprod)
+        return a**0.5, (1 - a) ** 0.5
+
+    def run(guidance: IdentityGuidance | None, recurrence: int = 1) -> torch.Tensor:
+        x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        noise = torch.Generator().manual_seed(1)
+        for i, t in enumerate(scheduler.timesteps):
+            (a, s), prev = level(int(t)), int(t) - 1000 // 10
+
+            def x0_fn(x_t: torch.Tensor) -> torch.Tensor:
+                out_u, out_c = pipe.unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=context).sample.chunk(2)
+                return (x_t - s * (out_u + 7.5 * (out_c - out_u))) / a
+
+            for r in range(recurrence):
+                with torch.no_grad():
+                    x0 = x0_fn(x)
+                if guidance is not None:
+                    x0 = guidance.guide(x0, i / 10, i, x_t=x, x0_fn=x0_fn)
+                eps = (x - a * x0) / s
+                a_prev, s_prev = level(prev)
+                x_next = a_prev * x0 + s_prev * eps
+                if r < recurrence - 1:
+                    x = time_travel(x_next, (a_prev, s_prev), (a, s), noise)
+            x = x_next
+        with torch.no_grad():
+            return ((pipe.vae.decode(x / SD_LATENT_SCALE).sample + 1) / 2).clamp(0, 1)
+
+    def make() -> IdentityGuidance:
+        return IdentityGuidance.from_scorer(scorer, refs, pipeline_decoder(pipe), through_denoiser=True)
+
+    plain = identity(scorer, refs, run(None))[0]
+    forward = identity(scorer, refs, run(make()))[0]
+    twice = make()
+    recurrent = identity(scorer, refs, run(twice, recurrence=2))[0]
+    print("owned DDIM loop, NearID: unguided", plain, "forward form", forward, "with recurrence 2", recurrent)
+    assert forward - plain >= 0.05 and recurrent - plain >= 0.05 and twice.guided_steps == 20
+    assert all(p.grad is None for p in pipe.unet.parameters())
