@@ -124,10 +124,10 @@ def check_int8(device: str | None) -> None:
     """
     import importlib.util
 
-    if importlib.util.find_spec("torchao") is None:
-        raise UsageError("--dtype int8 needs torchao: pip install 'nearid-toolkit[int8]'")
     if device is not None and not device.startswith("cpu"):
         raise UsageError(f"--dtype int8 runs on CPUs only; got --device {device} (on a GPU use the default fp16)")
+    if importlib.util.find_spec("torchao") is None:
+        raise UsageError("--dtype int8 needs torchao: pip install 'nearid-toolkit[int8]'")
 
 
 def expand_images(items: Sequence[str]) -> list[Path]:
